@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "scenes": ("data_gen.cli:scenes_main", "render synthetic scenes (images + captions + boxes + stage-1 shards)"),
     "coco": ("data_gen.cli:coco_main", "import COCO captions + instances into the captions JSONL format"),
+    "shards": ("llava.data.pairs:shards_main", "write webdataset image-caption shards from a folder or a JSON list"),
     "generate": ("data_gen.cli:generate_main", "write LLaVA instruction data from captions + boxes (openai | offline)"),
     "validate": ("pipeline.validate:main", "pre-flight scan of a dataset the way training reads it"),
     "base": ("stages.base:main", "demo only: pretrain a tiny CLIP + tokenizer + tiny LLaMA on scene data"),
