@@ -87,6 +87,12 @@ def bind(cls: type, data: dict | None, where: str = "config") -> Any:
             value = bind(tp, value, f"{where}.{key}")
         elif tp is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        elif tp is float and isinstance(value, str):
+            # YAML 1.1 reads `2e-5` (no dot) as a string; accept every spelling Python's float() does.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}.{key}: expected a number, got {value!r}") from None
         elif tp in (int, float, str, bool) and value is not None and not isinstance(value, tp):
             raise ConfigError(f"{where}.{key}: expected {tp.__name__}, got {type(value).__name__} ({value!r})")
         kwargs[key] = value

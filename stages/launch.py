@@ -1,0 +1,91 @@
+"""Run a stage in this process, or as N ranks on this machine through torchrun.
+
+A stage's `main(argv)` calls `run(main_body, argv, nproc)`: with `nproc` 1, or when this process already is a rank
+of a launcher (torchrun, `deepspeed`, mpirun), the body runs here; otherwise torchrun starts N copies
+of it with the same argv, each joining one process group (gloo on CPU, NCCL on GPUs), and this process waits.
+
+From the shell, the same thing:
+
+    python -m stages.launch --nproc 2 stages.instruct:main --config run.yaml        # torchrun underneath
+    torchrun --nproc-per-node 8 -m stages.launch stages.instruct:main --config run.yaml
+    deepspeed --num_gpus 8 --module stages.launch stages.instruct:main --config run.yaml
+    deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 --module stages.launch stages.instruct:main ...
+
+(see docs/training.md for multi-node details).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+from typing import Callable
+
+
+def launched_world_size() -> int:
+    """Ranks of the launch this process belongs to (1 when started by hand): torchrun and `deepspeed` export
+    WORLD_SIZE, mpirun OMPI_COMM_WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+
+
+def launched_rank() -> bool:
+    """True inside a multi-rank launch: spawning ranks again would nest launchers."""
+    return launched_world_size() > 1
+
+
+def torchrun_command(nproc: int, target: str, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "stages.launch", target, *argv]
+
+
+def target_of(function: Callable) -> str:
+    module = function.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is None:
+            raise ValueError("cannot spawn ranks of a function defined in a script run by path; run it with "
+                             "`python -m package.module` or put it in an importable module")
+        module = spec.name
+    return f"{module}:{function.__qualname__}"
+
+
+def resolve(target: str) -> Callable[[list[str]], int]:
+    module, sep, name = target.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"launch target {target!r} must look like package.module:function")
+    function = importlib.import_module(module)
+    for part in name.split("."):
+        function = getattr(function, part)
+    return function
+
+
+def run(main: Callable[[list[str]], int], argv: list[str], nproc: int = 1) -> int:
+    """`main(argv)` here, or in `nproc` torchrun ranks (returns the launcher's exit code)."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if nproc == 1 or launched_rank():
+        world = launched_world_size()
+        if nproc > 1 and world != nproc and int(os.environ.get("RANK", "0")) == 0:
+            print(f"[launch] already running as one of {world} ranks of a launcher; ignoring --nproc {nproc}",
+                  file=sys.stderr)
+        return int(main(argv) or 0)
+    command = torchrun_command(nproc, target_of(main), argv)
+    print(f"[launch] {' '.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.call(command)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (torchrun)")
+    # The `deepspeed` launcher passes --local_rank=N to each rank (LOCAL_RANK is in the environment as well).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("target", help="package.module:function taking argv (list[str]) and returning an exit code")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to the function unchanged")
+    args = parser.parse_args(argv)
+    return run(resolve(args.target), args.args, args.nproc)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
