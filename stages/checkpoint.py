@@ -5,11 +5,16 @@ Layout under `<output_dir>/checkpoints/`:
     step_00000200/                 one DeepSpeed checkpoint (`engine.save_checkpoint(tag="step_00000200")`)
         mp_rank_00_model_states.pt   module weights (trainable only), scheduler, engine counters
         *zero_pp_rank_*_optim_states.pt   optimizer shards (ZeRO-1/2/3), one per rank
-        rng_state_rank{r}.pt         python / numpy / torch (/ accelerator) RNG of rank r
+        rng_state_rank{r}.safetensors   python / numpy / torch (/ CUDA) RNG of rank r: tensors + JSON metadata, no pickle
         complete.json                trainer state; written last, atomically, after every rank finished saving
 
 A directory without `complete.json` is a save that crashed half way: resume never picks it, and the next run
-deletes it. Frozen parameters are not saved (`exclude_frozen_parameters`): they never change and come back from
+deletes it.
+
+DeepSpeed reads its `.pt` files with `torch.load(weights_only=False)`, i.e. as pickles that can run any code. Before
+DeepSpeed (or `consolidate_checkpoint`) opens a checkpoint, every `.pt` file in it is screened: the globals its pickle
+names must be torch's weights-only defaults or the few DeepSpeed classes in `DEEPSPEED_GLOBALS`; anything else (a
+planted or foreign file) is refused with the file named, before any of it is unpickled. Frozen parameters are not saved (`exclude_frozen_parameters`): they never change and come back from
 wherever the stage loaded them, which keeps stage-1 checkpoints of a 7B model at projector size.
 """
 from __future__ import annotations
@@ -26,10 +31,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llava.io import atomic_path, atomic_write_json
+from llava.io import atomic_save_safetensors, atomic_write_json
 
 MARKER = "complete.json"
 _TAG = re.compile(r"^step_(\d{8})$")
+# What DeepSpeed 0.19 pickles into its checkpoints beyond torch's weights-only defaults (loss scalers, the ZeRO stage,
+# optimizer fragment addresses), listed from its ZeRO-0/1/2/3 checkpoints in fp32, bf16 and fp16, with and without
+# optimizer offload. Classes only: unpickling them builds plain state objects and runs no code of the file's choosing.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that would run code when unpickled, or that cannot be checked; it was not loaded."""
 
 
 def tag_for(step: int) -> str:
@@ -108,7 +126,63 @@ def set_rng_state(state: dict) -> None:
 
 
 def rng_file(checkpoint: Path, rank: int) -> Path:
-    return checkpoint / f"rng_state_rank{rank}.pt"
+    return checkpoint / f"rng_state_rank{rank}.safetensors"
+
+
+def save_rng_state(path: Path) -> None:
+    """This process's RNG state as safetensors: generator states as tensors, the rest as JSON metadata (no pickle)."""
+    state = rng_state()
+    version, python_words, gauss_next = state["python"]
+    kind, numpy_words, position, has_gauss, cached_gaussian = state["numpy"]
+    tensors = {"torch": state["torch"], "numpy": torch.from_numpy(numpy_words.astype(np.int64))}
+    if "cuda" in state:
+        tensors["cuda"] = state["cuda"].cpu()
+    metadata = {"python": json.dumps([version, list(python_words), gauss_next]),
+                "numpy": json.dumps([kind, int(position), int(has_gauss), float(cached_gaussian)])}
+    atomic_save_safetensors(tensors, path, metadata=metadata)
+
+
+def load_rng_state(path: Path) -> dict:
+    """The state `save_rng_state` wrote, in the form `set_rng_state` takes."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        version, python_words, gauss_next = json.loads(metadata["python"])
+        kind, position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
+        state = {"python": (version, tuple(python_words), gauss_next),
+                 "numpy": (kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached_gaussian),
+                 "torch": tensors["torch"]}
+    except Exception as e:  # noqa: BLE001 - safetensors, JSON and shape errors all mean the same: a bad file
+        raise ValueError(f"{path}: unreadable RNG state ({type(e).__name__}: {e}); delete {path.parent} to resume "
+                         f"from the checkpoint before it") from None
+    if "cuda" in tensors:
+        state["cuda"] = tensors["cuda"]
+    return state
+
+
+# ---- screening DeepSpeed's pickles --------------------------------------------------------------------------------
+
+def screen_pickles(checkpoint: Path) -> None:
+    """Refuse `checkpoint` unless every `.pt` file in it names only globals DeepSpeed writes (see the module doc).
+
+    The pickle is disassembled, not run; a file that cannot be disassembled (torn, not a torch.save zip, pickle
+    opcodes torch.save never writes) is refused as well.
+    """
+    for file in sorted(Path(checkpoint).glob("*.pt")):
+        try:
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file))) - DEEPSPEED_GLOBALS)
+        except Exception as e:  # noqa: BLE001 - whatever the reason, the file cannot be shown safe
+            raise UnsafeCheckpointError(
+                f"{file}: cannot be checked before unpickling ({type(e).__name__}: {e}); it is torn or was not "
+                f"written by torch.save. Delete {checkpoint} to resume from the checkpoint before it") from None
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{file}: refusing to unpickle it: it names {', '.join(unsafe)}, which a DeepSpeed checkpoint never "
+                f"holds and which could run code when loaded. Only resume from checkpoints this trainer wrote; "
+                f"delete {checkpoint} to resume from the one before it")
 
 
 # ---- save / load (collective: every rank calls these) ---------------------------------------------------------
@@ -131,8 +205,7 @@ def save(engine, root: str | Path, step: int, state: dict, keep_last: int) -> Pa
         remove_checkpoint(path)  # an incomplete leftover of a crashed run that got this far before
     _barrier()
     engine.save_checkpoint(str(root), tag=path.name, save_latest=False, exclude_frozen_parameters=True)
-    with atomic_path(rng_file(path, rank)) as tmp:
-        torch.save(rng_state(), tmp)
+    save_rng_state(rng_file(path, rank))
     _barrier()  # every rank's shards and RNG are on disk before the marker says so
     if rank == 0:
         atomic_write_json(path / MARKER, state)
@@ -144,16 +217,21 @@ def save(engine, root: str | Path, step: int, state: dict, keep_last: int) -> Pa
 def load(engine, checkpoint: Path) -> dict:
     """Restore weights, optimizer, scheduler, engine counters and this rank's RNG; return the trainer state."""
     state = read_state(checkpoint)
+    rng_path = rng_file(checkpoint, _rank())
+    if not rng_path.is_file():
+        if rng_path.with_suffix(".pt").is_file():
+            raise ValueError(f"{rng_path.with_suffix('.pt')}: RNG state in the pickle format of earlier versions, "
+                             f"which this one does not unpickle; start a new output_dir")
+        raise ValueError(f"{rng_path} is missing: the checkpoint was written by a different number of ranks")
+    rng = load_rng_state(rng_path)
+    screen_pickles(checkpoint)
     # Frozen parameters were not saved, so the module load is not strict; the trainer checks beforehand that the
     # trainable parameter names match the checkpoint's.
     loaded, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)
     if loaded is None:
         raise ValueError(f"{checkpoint}: DeepSpeed could not load this checkpoint (see its log above)")
-    rng_path = rng_file(checkpoint, _rank())
-    if not rng_path.is_file():
-        raise ValueError(f"{rng_path} is missing: the checkpoint was written by a different number of ranks")
-    set_rng_state(torch.load(rng_path, weights_only=False))
+    set_rng_state(rng)
     return state
 
 
@@ -220,6 +298,7 @@ def consolidate_checkpoint(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
+    screen_pickles(checkpoint)
     if any(checkpoint.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -227,7 +306,7 @@ def consolidate_checkpoint(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     model_file = checkpoint / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise FileNotFoundError(f"{checkpoint}: neither ZeRO shards nor {model_file.name}; not a DeepSpeed checkpoint")
-    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    module = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
 

@@ -10,7 +10,9 @@ A stage builds the model, the dataset and its collate function, then hands them 
 
 Contract with the model: `model(**batch)` returns a dict with `loss` (a scalar, the mean over this micro-batch) and
 optionally `logits` (`[batch, seq, ...]`, whose first two sizes count the tokens processed). A batch key `ids` (a list
-of sample ids) is kept out of the model call and named in errors.
+of sample ids) is kept out of the model call and named in errors; a key `num_skipped` (bad samples the dataset left
+out or replaced on the way to this batch, with on_error=skip) is kept out too and summed over ranks into the
+`skipped_samples` of every metrics record, so skips in DataLoader workers are not lost.
 
 Read top to bottom: config → process group → DeepSpeed config → optimizer / schedule → `fit` (resume, epochs,
 micro-batches, step, log, eval, save). Checkpoint files and ZeRO gathering live in `stages/checkpoint.py`.
@@ -21,7 +23,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -110,18 +111,13 @@ class DistInfo:
     local_rank: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed() -> DistInfo:
     """Join the launcher's process group (torchrun, `deepspeed`, mpirun), or make a single-rank one.
 
-    DeepSpeed always needs a process group, even for one process. The single-rank group is made through a TCP
-    address rather than RANK/WORLD_SIZE environment variables, so child processes started later (torchrun for
-    `--nproc`) do not mistake this process for a launched rank. Idempotent.
+    DeepSpeed always needs a process group, even for one process. The single-rank group meets in an in-process
+    store: a TCP rendezvous would start a c10d store server listening on every interface for the whole run, and
+    RANK/WORLD_SIZE environment variables would make child processes started later (torchrun for `--nproc`) mistake
+    this process for a launched rank. Idempotent.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -142,7 +138,7 @@ def setup_distributed() -> DistInfo:
         if launched_world_size() > 1:
             deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))  # env or MPI discovery
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend)  # binds DeepSpeed's comm layer to the group
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it; launchers set it
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -401,6 +397,7 @@ class _StepAccumulator:
     who: list = field(default_factory=list)  # sample ids per micro-batch, for error messages
     tokens: int = 0
     samples: int = 0
+    skipped: int = 0  # samples the dataset skipped on the way to these micro-batches
 
 
 @dataclass
@@ -498,6 +495,7 @@ class Trainer:
                                                                               self.total_steps))
         self.float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
         self.step = 0
+        self.skipped_samples = 0  # all ranks, whole run (restored on resume)
 
     # -- small helpers --
     @staticmethod
@@ -559,7 +557,8 @@ class Trainer:
         return {"step": self.step, "epoch": epoch, "batches_consumed": consumed, "total_steps": self.total_steps,
                 "world_size": self.dist.world_size, "micro_batch_size": cfg.micro_batch_size,
                 "grad_accum": cfg.grad_accum, "seed": cfg.seed, "zero_stage": self.ds_config["zero_optimization"]
-                ["stage"], "precision": cfg.precision, "trainable": self.trainable, "time": time.time()}
+                ["stage"], "precision": cfg.precision, "trainable": self.trainable,
+                "skipped_samples": self.skipped_samples, "time": time.time()}
 
     def _resume(self) -> tuple[int, int]:
         """Load the newest complete checkpoint (if any and allowed); return (epoch, micro-batches consumed)."""
@@ -589,6 +588,7 @@ class Trainer:
                                f"differences: {missing}); resume with the same model/adapter setup")
         state = ckpt.load(self.engine, latest)
         self.step = state["step"]
+        self.skipped_samples = state.get("skipped_samples", 0)  # absent from checkpoints of older versions
         if self.is_main:
             print(f"[trainer] resumed from {latest} at step {self.step}/{self.total_steps}", flush=True)
         return state["epoch"], state["batches_consumed"]
@@ -602,6 +602,7 @@ class Trainer:
     # -- the loop --
     def _forward_backward(self, batch: dict, indices: list[int] | None, acc: "_StepAccumulator") -> None:
         ids = batch.pop("ids", None)
+        acc.skipped += int(batch.pop("num_skipped", 0))
         inputs = self._to_device(batch)
         out = self.engine(**inputs)
         loss = out["loss"]
@@ -626,8 +627,9 @@ class Trainer:
         """Check the losses on every rank, step, run the hook; return this step's numbers."""
         engine = self.engine
         totals = torch.stack(acc.totals)
-        loss_sum, bad_count, tokens, samples = self._all_reduce(
-            [float(torch.stack(acc.losses).sum()), float((~torch.isfinite(totals)).sum()), acc.tokens, acc.samples])
+        loss_sum, bad_count, tokens, samples, skipped = self._all_reduce(
+            [float(torch.stack(acc.losses).sum()), float((~torch.isfinite(totals)).sum()), acc.tokens, acc.samples,
+             acc.skipped])
         if bad_count:
             self._raise_non_finite(totals, acc.who, epoch)
         lrs = [group["lr"] for group in engine.optimizer.param_groups]
@@ -646,6 +648,7 @@ class Trainer:
                 f"{engine.skipped_steps} steps skipped so far); the last complete checkpoint in "
                 f"{self.checkpoint_root} is unchanged. Use bf16, lower lr, or check the samples: {acc.who}") from e
         self.step += 1
+        self.skipped_samples += int(skipped)
         if self.after_optimizer_step is not None and not self._steps_client_optimizer:
             self.after_optimizer_step(self.model, self.step, self.total_steps)
         if grad_norm is None:
@@ -662,7 +665,7 @@ class Trainer:
                 f"gradient norm is {grad_norm} at step {self.step} (epoch {epoch}) although every loss was finite; "
                 f"the last complete checkpoint in {self.checkpoint_root} is unchanged. Lower lr or max_grad_norm.")
         numbers = {"loss": loss_sum / (len(acc.losses) * self.dist.world_size), "lr": lrs[0], "grad_norm": grad_norm,
-                   "tokens": tokens, "samples": samples}
+                   "tokens": tokens, "samples": samples, "skipped_samples": self.skipped_samples}
         if "projector" in self.group_names:
             numbers["projector_lr"] = lrs[self.group_names.index("projector")]
         if acc.extras:
@@ -755,7 +758,8 @@ class Trainer:
             if log is not None:
                 log.close()
         if self.is_main:
-            print(f"[trainer] finished at step {self.step}: {json.dumps(last_record)}", flush=True)
+            print(f"[trainer] finished at step {self.step}, {self.skipped_samples} samples skipped: "
+                  f"{json.dumps(last_record)}", flush=True)
         return TrainResult(self.step, last_record, ckpt.latest_complete(self.checkpoint_root))
 
     def _peak_flops(self) -> float:

@@ -5,7 +5,7 @@ in one bytes buffer, so DataLoader workers share it without the copy-on-access g
 `lengths` (for length grouping) are estimated from character counts with a tokens-per-character ratio fitted on a
 random subset (`lengths="exact"` tokenizes everything instead).
 Images are opened in `__getitem__`, relative to `image_folder`; a path that could leave the folder (absolute, or with
-a `..` part) is refused. `<image>` tags follow LLaVA: a sample with one image and no tag gets `"<image>\\n"` in front
+a `..` part) is refused at load, and one that resolves outside it (through a symlink) when it is read. `<image>` tags follow LLaVA: a sample with one image and no tag gets `"<image>\\n"` in front
 of its first question (as LLaVA's eval scripts do); otherwise tags and images must match in number.
 
 Bad data: with `on_error="stop"` (default) the first malformed entry or unusable image raises DataError naming the
@@ -57,6 +57,7 @@ class InstructDataset(Dataset):
         self.json_path = Path(json_path)
         self.tokenizer, self.template = tokenizer, get_template(template)
         self.image_folder = Path(image_folder) if image_folder is not None else None
+        self._real_image_folder = self.image_folder.resolve() if self.image_folder is not None else None
         self.image_processor, self.max_len, self.max_pixels = image_processor, max_len, max_pixels
         self.on_error = check_on_error(on_error)
         self.num_malformed = 0
@@ -169,10 +170,16 @@ class InstructDataset(Dataset):
         n_kept = input_ids.count(IMAGE_TOKEN_INDEX)
         images = []
         for path in record["images"][:n_kept]:
+            where = self._where(record["index"], record["id"])
+            # The string checks at load cannot see symlinks: follow them now and open what they point to.
+            real = (self.image_folder / path).resolve()
+            if not real.is_relative_to(self._real_image_folder):
+                raise DataError(f"{where}: image path {path!r} resolves to {real}, outside the image folder "
+                                f"{self._real_image_folder}")
             try:
-                image = open_rgb(self.image_folder / path, max_pixels=self.max_pixels)
+                image = open_rgb(real, max_pixels=self.max_pixels)
             except ImageError as e:
-                raise DataError(f"{self._where(record['index'], record['id'])}: {e}") from None
+                raise DataError(f"{where}: {e}") from None
             images.append(self.image_processor(image))
         return {"id": record["id"], "input_ids": torch.tensor(input_ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long), "images": images}

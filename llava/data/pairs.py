@@ -1,8 +1,11 @@
 """Image-caption pairs in webdataset tar shards (stage 1): writing shards, and a loader of `plain`-template samples.
 
 Shard contract: each sample is `<key>.jpg` or `<key>.png` (the image) + `<key>.txt` (the caption, UTF-8) + optional
-`<key>.json` (metadata; its "id" names the sample in messages). `write_shards` also writes `index.json` (shard files and
-sample counts), last, so its presence marks a complete set.
+`<key>.json` (metadata; its "id" names the sample in messages); keys are relative names without `..` parts (a shard
+with others was not written by `write_shards` and is refused). `write_shards` also writes `index.json` (shard files and
+sample counts), last, so its presence marks a complete set. The reader checks each shard it reads in full against the
+count index.json records for it: a shard cut at a member boundary reads as a shorter valid tar, and only the count
+tells. Shards without an index.json beside them (e.g. `data_gen.scenes`' own) have no recorded count to check.
 
 Distributed reading: every rank yields exactly `len(dataset)` = total // world_size samples per epoch, so ranks take the
 same number of steps. Shards are shuffled per epoch (seed + epoch) and dealt to (rank, worker) slots; with fewer
@@ -18,6 +21,7 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -33,6 +37,7 @@ from llava.data.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb
 from llava.data.instruct import _read_json_list, check_image_path
 
 INDEX_FILE = "index.json"
+BROKEN_SHARD = "__broken_shard__"  # key of the marker _read yields after a shard that broke off: samples lost
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -180,14 +185,34 @@ def shards_main(argv: list[str]) -> int:
 
 # ---- reading -----------------------------------------------------------------------------------------------------
 
+def read_index(folder: str | os.PathLike) -> list[tuple[str, int]] | None:
+    """(path, recorded sample count) per shard from `folder`/index.json as `write_shards` writes it; None without one."""
+    index_file = Path(folder) / INDEX_FILE
+    if not index_file.is_file():
+        return None
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        return [(str(Path(folder) / entry["file"]), int(entry["count"])) for entry in index["shards"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{index_file}: unreadable shard index ({type(e).__name__}: {e}); write the shards again "
+                        f"or delete it to count samples from the tar headers") from None
+
+
+def recorded_counts(paths: Iterable[str]) -> dict[str, int]:
+    """Sample counts that an index.json beside the shards records for them; shards it does not list are left out."""
+    counts: dict[str, int] = {}
+    for folder in {str(Path(p).parent) for p in paths}:
+        counts.update(read_index(folder) or [])
+    return {p: counts[p] for p in paths if p in counts}
+
+
 def list_shards(shards: str | os.PathLike | Sequence) -> list[tuple[str, int]]:
     """(path, sample count) per shard from a directory (its index.json, else its *.tar), a brace/glob pattern, or a
     list of paths. Counts come from index.json or, without one, from the tar headers."""
     if isinstance(shards, (str, os.PathLike)) and Path(shards).is_dir():
-        index_file = Path(shards) / INDEX_FILE
-        if index_file.is_file():
-            index = json.loads(index_file.read_text())
-            return [(str(Path(shards) / s["file"]), int(s["count"])) for s in index["shards"]]
+        indexed = read_index(shards)
+        if indexed is not None:
+            return indexed
         paths = sorted(str(p) for p in Path(shards).glob("*.tar"))
     elif isinstance(shards, (str, os.PathLike)):
         from webdataset.shardlists import expand_urls
@@ -216,6 +241,7 @@ class PairDataset(IterableDataset):
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, on_error: str = "stop",
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         self.shards = list_shards(shards)
+        self.recorded_counts = recorded_counts([path for path, _ in self.shards])
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.max_len, self.shuffle_buffer, self.seed, self.max_pixels = max_len, shuffle_buffer, seed, max_pixels
         self.on_error = check_on_error(on_error)
@@ -243,8 +269,11 @@ class PairDataset(IterableDataset):
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
         produced = skipped = 0
         for repeat in itertools.count():  # passes over this slot's share until the quota is met
-            seen = 0
+            seen, produced_before = 0, produced
             for raw in self._shuffled(self._pass(repeat, slot, n_slots), min(self.shuffle_buffer, quota), rng):
+                if BROKEN_SHARD in raw:
+                    skipped += raw[BROKEN_SHARD]
+                    continue
                 seen += 1
                 if produced >= quota:
                     return
@@ -262,7 +291,11 @@ class PairDataset(IterableDataset):
             if produced >= quota:
                 return
             if not seen:
-                raise DataError(f"rank {self.rank}: its share of the {len(self.shards)} shards holds no samples")
+                raise DataError(f"rank {self.rank}: its share of the {len(self.shards)} shards holds no readable "
+                                f"samples")
+            if produced == produced_before:  # every sample failed: another pass would fail the same way, forever
+                raise DataError(f"rank {self.rank}: none of the {seen} samples in its share of the {len(self.shards)} "
+                                f"shards could be used ({skipped} skipped); see the warnings above")
 
     def _pass(self, repeat: int, slot: int, n_slots: int) -> Iterator[dict]:
         """One pass over this slot's raw samples; each pass deals the shards in a new shuffled order."""
@@ -270,9 +303,15 @@ class PairDataset(IterableDataset):
         random.Random(f"{self.seed}/{self.epoch}/{repeat}").shuffle(order)
         split_shards = len(order) >= n_slots
         mine = order[slot::n_slots] if split_shards else order
-        for position, raw in enumerate(self._read(path for path, _ in mine)):
+        position = 0
+        for raw in self._read(path for path, _ in mine):
+            if BROKEN_SHARD in raw:
+                if split_shards or slot == 0:  # every slot reads a shared shard: one of them counts its loss
+                    yield raw
+                continue
             if split_shards or position % n_slots == slot:
                 yield raw
+            position += 1
 
     @staticmethod
     def _shuffled(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -286,19 +325,35 @@ class PairDataset(IterableDataset):
         yield from buffer
 
     def _read(self, paths: Iterable[str]) -> Iterator[dict]:
+        """Raw samples of each shard in turn. A shard that breaks off (a tar error, or fewer samples than index.json
+        records) stops the run; with skip, a `{BROKEN_SHARD: samples lost}` marker follows its good samples so the
+        loss is counted like any skipped sample."""
         from webdataset.tariterators import tar_file_expander, group_by_keys, url_opener
 
         for path in paths:
+            read = 0
+            expected = self.recorded_counts.get(path)
             try:
-                yield from group_by_keys(tar_file_expander(url_opener([{"url": path}])))
+                for raw in group_by_keys(tar_file_expander(url_opener([{"url": path}]))):
+                    read += 1
+                    yield raw
             except Exception as e:  # noqa: BLE001 - tarfile/IO errors of a broken shard
                 error = DataError(f"{path}: cannot read the shard ({type(e).__name__}: {e})")
-                if self.on_error == "stop":
-                    raise error from None
-                log.warning("%s (skipped)", error)
+            else:
+                if expected is None or read >= expected:
+                    continue
+                error = DataError(f"{path}: holds {read} samples but index.json says {expected}: the file is "
+                                  f"truncated; copy it again")
+            if self.on_error == "stop":
+                raise error from None
+            log.warning("%s (skipped)", error)
+            yield {BROKEN_SHARD: max(expected - read, 1) if expected is not None else 1}
 
     def _decode(self, raw: dict) -> dict:
-        where = f"{raw.get('__url__')}: sample {raw.get('__key__')!r}"
+        key = str(raw.get("__key__"))
+        where = f"{raw.get('__url__')}: sample {key!r}"
+        if key.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", key):
+            raise DataError(f"{where}: member name {key!r} is an absolute or .. path; refusing an unsafe shard")
         meta = {}
         if "json" in raw:
             try:

@@ -283,6 +283,8 @@ class LlavaModel(nn.Module):
         if source is None or not Path(source).is_file():
             raise ValueError(f"save({path}): no tokenizer to copy alongside the weights ({source}); pass "
                              "tokenizer=Tokenizer(...) or a tokenizer.model path")
+        # Over an older save, its config would vouch for a mix of old and new files if this save failed half way.
+        (path / CONFIG_FILE).unlink(missing_ok=True)
         self.llm.save_hf(path / "llm")
         atomic_save_safetensors(self.vision.visual.state_dict(), path / "vision.safetensors")
         self.save_projector(path / "mm_projector.safetensors")

@@ -97,27 +97,11 @@ def fill(path: Path, size: int) -> None:
 # Case name -> what is wrong and the fix, for faults the code does not handle yet. Such a case runs as a strict xfail:
 # the suite shows the failure today and fails loudly once the fix lands (then delete the entry).
 KNOWN_GAPS: dict[str, str] = {
-    "symlink out of the image folder": (
-        "llava/data/instruct.py opens image_folder / path without resolving it. Fix in InstructDataset._load: "
-        "`real = (self.image_folder / path).resolve()`; unless real.is_relative_to(self.image_folder.resolve()) raise "
-        "DataError(f'{where}: image path {path!r} resolves to {real}, outside the image folder')"),
-    "member with an absolute path": (
-        "llava/data/pairs.py reads tar members under any name (webdataset keys them as given); nothing is extracted, "
-        "but such a shard was not written by write_shards. Fix in PairDataset._decode: if raw['__key__'] starts with "
-        "'/' or has a '..' part, raise DataError(f'{where}: member name {key!r} is an absolute or .. path; refusing "
-        "an unsafe shard')"),
-    "member with a .. path": "same fix as 'member with an absolute path'",
     "HF config missing a key": (
         "llava/model/llama.py LlamaConfig.from_hf_config reads hf['hidden_size'] and hf['num_attention_heads'] before "
         "its try/except KeyError, so a config.json without them raises a bare KeyError. Fix: move the line "
         "`dim, n_heads = hf['hidden_size'], hf['num_attention_heads']` inside the try block (the except already "
         "turns KeyError into CheckpointError(f'{where}: missing required key ...'))"),
-    "no listener after train": (
-        "stages/trainer.py setup_distributed makes the single-rank process group with "
-        "init_method='tcp://127.0.0.1:<port>', which starts a c10d TCPStore server listening on ALL interfaces "
-        "(seen as [::]:port in /proc/net/tcp6) for the whole run. Fix: for one rank use an in-process store, "
-        "`dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)` (measured: only gloo's "
-        "loopback socket remains)"),
 }
 
 

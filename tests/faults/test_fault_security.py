@@ -173,23 +173,9 @@ PICKLE_LOADERS = [
     ("trainer resume: DeepSpeed model states", _trainer_resume_states),
     ("consolidate_checkpoint", _consolidate),
 ]
-TRUSTED = ("checkpoint directories are read as pickles. Fix: stages/checkpoint.py: save the RNG state as JSON "
-           "(python/numpy state) + safetensors (torch state) instead of torch.save, and before "
-           "engine.load_checkpoint / torch.load of a *.pt file call "
-           "torch.serialization.get_unsafe_globals_in_checkpoint(file) and refuse the file when it names anything "
-           "outside torch/deepspeed/numpy/builtins containers (or load with weights_only=True and "
-           "torch.serialization.safe_globals([...]) for the few DeepSpeed types). Until then: resume only from "
-           "checkpoint directories your own runs wrote")
-GAPS = {"trainer resume: rng_state file": "stages/checkpoint.py load() reads rng_state_rank*.pt with "
-        "torch.load(weights_only=False): " + TRUSTED,
-        "trainer resume: DeepSpeed model states": "DeepSpeed's TorchCheckpointEngine.load uses "
-        "torch.load(weights_only=False): " + TRUSTED,
-        "consolidate_checkpoint": "stages/checkpoint.py consolidate_checkpoint reads mp_rank_00_model_states.pt with "
-        "torch.load(weights_only=False): " + TRUSTED}
 
 
-@pytest.mark.parametrize("name, load", [pytest.param(n, f, id=n.replace(" ", "-"), marks=[pytest.mark.xfail(
-    strict=True, reason=GAPS[n])] if n in GAPS else []) for n, f in PICKLE_LOADERS])
+@pytest.mark.parametrize("name, load", [pytest.param(n, f, id=n.replace(" ", "-")) for n, f in PICKLE_LOADERS])
 def test_a_malicious_pickle_runs_no_code(tmp_path, request, name, load):
     marker = tmp_path / "PWNED"
     args = (tmp_path, marker)

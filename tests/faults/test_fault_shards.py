@@ -118,9 +118,6 @@ def member_offsets(shard: Path) -> list[int]:
         return [m.offset for m in tar.getmembers()]
 
 
-@pytest.mark.xfail(strict=True, reason="llava/data/pairs.py PairDataset._read logs a broken shard in skip mode but "
-                   "counts nothing, so the collator's num_skipped misses it. Fix: in _read, when skipping a shard that "
-                   "failed, count it (e.g. a `broken` counter that __iter__ adds to the next sample's 'skipped')")
 def test_truncated_shard_in_skip_mode_is_counted(tmp_path, tokenizer):
     out, broken = written_shards(tmp_path)
     broken.write_bytes(broken.read_bytes()[:member_offsets(broken)[4] + 600])  # inside a member's data
@@ -129,11 +126,6 @@ def test_truncated_shard_in_skip_mode_is_counted(tmp_path, tokenizer):
     assert sum(s["skipped"] for s in samples) >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="a shard cut exactly at a member boundary reads as a shorter valid tar "
-                   "(tarfile sees a clean end), and PairDataset refills its quota by repeating samples: the loss is "
-                   "silent. Fix in llava/data/pairs.py: count the samples read per shard in _read and raise/skip with "
-                   "DataError(f'{path}: holds {n} samples but index.json says {count}: the file is truncated; copy "
-                   "it again') when a full pass ends short")
 def test_shard_cut_at_a_member_boundary_is_detected(tmp_path, tokenizer):
     out, broken = written_shards(tmp_path)
     broken.write_bytes(broken.read_bytes()[:member_offsets(broken)[3]])  # first sample whole, the rest gone

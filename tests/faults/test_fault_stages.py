@@ -47,12 +47,6 @@ def test_stop_exits_1_naming_the_row_and_writes_no_final_model(tmp_path, tokeniz
     assert not (tmp_path / "out" / "final").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="stages/common.py TrainCollator pops the collator's `num_skipped` and nothing "
-                   "else reads it, so rows skipped with on_error=skip appear only as warning lines (from DataLoader "
-                   "workers, if their logging reaches the console). Fix: keep `num_skipped` in the batch; in "
-                   "stages/trainer.py _forward_backward pop it with `ids` (`acc.skipped += batch.pop('num_skipped', "
-                   "0)`), all-reduce it with the other counts in _optimizer_step and log a cumulative "
-                   "`skipped_samples` in every metrics record (and in the final '[trainer] finished' line)")
 def test_skip_finishes_and_counts_the_skipped_rows_in_metrics(tmp_path, tokenizer):
     from stages.instruct import main
 

@@ -2,6 +2,7 @@
 import io
 import json
 import random
+import re
 import tarfile
 
 import numpy as np
@@ -95,6 +96,22 @@ def test_image_paths_may_not_leave_the_folder(folder, tokenizer, path):
         dataset(folder, entries, tokenizer=tokenizer)
     ds = dataset(folder, entries, tokenizer=tokenizer, on_error="skip")
     assert (len(ds), ds.num_malformed) == (1, 1)
+
+
+def test_symlinks_are_followed_only_inside_the_folder(folder, tokenizer):
+    images = folder / "images"
+    save_image(folder / "secret.png", seed=9)
+    (images / "coco" / "alias.png").symlink_to("0.png")  # inside: fine
+    (images / "escape.png").symlink_to(folder / "secret.png")  # outside: refused when read
+    (folder / "linked").symlink_to(images, target_is_directory=True)  # the folder itself may be a link
+    entries = [{"id": "alias", "image": "coco/alias.png", "conversations": turns("<image>\nQ", "A.")},
+               {"id": "evil", "image": "escape.png", "conversations": turns("<image>\nQ", "A.")}]
+    ds = InstructDataset(write_json(folder, entries), tokenizer, image_folder=folder / "linked",
+                         image_processor=PROCESSOR, num_image_tokens=N_IMAGE_TOKENS)
+    torch.testing.assert_close(ds[0]["images"][0], PROCESSOR(open_rgb(images / "coco" / "0.png")))
+    with pytest.raises(DataError, match=r"entry 1 \(id 'evil'\): image path 'escape.png' resolves to .*secret.png, "
+                                        r"outside the image folder"):
+        ds[1]
 
 
 @pytest.mark.parametrize("entry,message", [
@@ -269,6 +286,38 @@ def test_bad_shards_stop_or_are_skipped(tmp_path, tokenizer):
     truncated.write_bytes(shard.read_bytes()[:700])
     with pytest.raises(DataError, match="cut-000000.tar"):
         list(PairDataset([str(truncated)], tokenizer, PROCESSOR))
+
+
+def cut_at_member(shard, member_index):
+    with tarfile.open(shard) as tar:
+        offset = tar.getmembers()[member_index].offset
+    shard.write_bytes(shard.read_bytes()[:offset])
+
+
+def test_a_shard_cut_at_a_member_boundary_is_caught_by_its_recorded_count(tmp_path, pairs_folder, tokenizer):
+    index = write_shards(items_from_folder(pairs_folder), tmp_path / "shards", shard_size=3)  # 3 3 1
+    cut = tmp_path / "shards" / index["shards"][1]["file"]
+    cut_at_member(cut, 3)  # 3 members per sample: one whole sample left of 3, a valid (shorter) tar
+    message = re.escape(f"{cut}: holds 1 samples but index.json says 3: the file is truncated; copy it again")
+    with pytest.raises(DataError, match=message):
+        list(PairDataset(tmp_path / "shards", tokenizer, PROCESSOR))
+    with pytest.raises(DataError, match=message):  # a list of the paths finds the index beside them too
+        list(PairDataset(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")), tokenizer, PROCESSOR))
+    samples = list(PairDataset(tmp_path / "shards", tokenizer, PROCESSOR, on_error="skip", shuffle_buffer=1))
+    assert len(samples) == 7 and sum(s["skipped"] for s in samples) >= 2  # the two lost samples, not "a shard"
+    (tmp_path / "shards" / "index.json").unlink()  # as data_gen.scenes writes them: no recorded count to check
+    assert len(list(PairDataset(tmp_path / "shards", tokenizer, PROCESSOR))) == 5
+
+
+def test_a_share_with_no_usable_sample_stops_instead_of_looping(tmp_path, tokenizer):
+    shard = tmp_path / "bad-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("k1.png", b"not a png"), ("k1.txt", b"A caption.")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"none of the 1 samples in its share .* could be used \(1 skipped\)"):
+        list(PairDataset(str(shard), tokenizer, PROCESSOR, on_error="skip"))
 
 
 # ---- collation and grouped batching ---------------------------------------------------------------------------------

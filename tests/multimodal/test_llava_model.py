@@ -200,6 +200,31 @@ def test_save_and_load_without_repeating_options(tmp_path, tokenizer):
     assert LlamaForCausalLM.from_pretrained(tmp_path / "model" / "llm").config.hidden_size == 64
 
 
+def test_a_failed_save_over_an_older_one_does_not_load(tmp_path, tokenizer, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "model"
+    tiny_model().save(path, tokenizer=tokenizer)
+    LlavaModel.load(path)  # complete
+    original = safetensors.torch.save_file
+
+    def disk_full_at_the_projector(tensors, filename, metadata=None):
+        if "mm_projector" in str(filename):
+            raise OSError(28, "No space left on device", filename)
+        return original(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_the_projector)
+    newer = tiny_model(projector_type="linear")
+    newer.llm.init_weights(seed=5)
+    with pytest.raises(OSError):
+        newer.save(path, tokenizer=tokenizer)  # llm/ and vision.safetensors already new, the projector still old
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="llava_config.json: not found"):
+        LlavaModel.load(path)
+    newer.save(path, tokenizer=tokenizer)  # the retry completes the directory
+    assert LlavaModel.load(path).config == newer.config
+
+
 def test_save_needs_a_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer"):
         tiny_model().save(tmp_path / "m")

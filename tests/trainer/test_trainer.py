@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -143,6 +144,131 @@ def test_streamed_dataset_resumes_by_reading_past_consumed_batches(tmp_path):
                    dataset=task.StreamedMarkovTokens(64, 32, claimed_len=80))
 
 
+class SkippingMarkovTokens(task.MarkovTokens):
+    """Every 5th sample stands in for one bad sample the dataset skipped (as InstructDataset does with on_error=skip)."""
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "skipped": int(i % 5 == 0)}
+
+
+def collate_with_skips(samples: list[dict]) -> dict:
+    return {**task.collate(samples), "num_skipped": sum(s["skipped"] for s in samples)}
+
+
+def test_skipped_samples_are_counted_in_metrics_and_survive_resume(tmp_path, capsys):
+    cfg = {"output_dir": str(tmp_path), "max_steps": 6, "save_every": 3, "keep_last": 0, "log_every": 1}
+    options = dict(dataset=SkippingMarkovTokens(64, 32), collate_fn=collate_with_skips)
+    task.train(cfg, **options)
+    order = data_order()
+    expected = [sum(i % 5 == 0 for i in order[:4 * step]) for step in range(1, 7)]  # micro_batch_size 4
+    assert expected[-1] > 0 and [r["skipped_samples"] for r in metrics(tmp_path)] == expected
+    assert f"finished at step 6, {expected[-1]} samples skipped" in capsys.readouterr().out
+
+    ckpt.remove_checkpoint(tmp_path / "checkpoints" / "step_00000006")
+    task.train(cfg, **options)  # resumes at step 3: the count before it comes from the checkpoint
+    assert "at step 3/6" in capsys.readouterr().out
+    assert [r["skipped_samples"] for r in metrics(tmp_path)] == expected
+
+
+class EpochRecorder:
+    """Wraps a sampler or streamed dataset and records the set_epoch calls the trainer makes."""
+
+    def __init__(self):
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+        super().set_epoch(epoch)
+
+
+class RecordingSampler(EpochRecorder, DistributedSampler):
+    def __init__(self, dataset):
+        EpochRecorder.__init__(self)
+        DistributedSampler.__init__(self, dataset, num_replicas=1, rank=0, shuffle=True, seed=42, drop_last=True)
+        self.orders: list[list[int]] = []
+
+    def __iter__(self):
+        order = list(super().__iter__())
+        self.orders.append(order)
+        return iter(order)
+
+
+class RecordingStream(EpochRecorder, task.StreamedMarkovTokens):
+    def __init__(self, samples: int, seq_len: int):
+        EpochRecorder.__init__(self)
+        task.StreamedMarkovTokens.__init__(self, samples, seq_len)
+
+
+def test_every_epoch_is_announced_so_the_data_reshuffles(tmp_path):
+    dataset = task.MarkovTokens(16, 32)  # 4 steps per epoch; 10 steps span epochs 0, 1 and 2
+    sampler = RecordingSampler(dataset)
+    task.train({"output_dir": str(tmp_path / "map"), "max_steps": 10}, dataset=dataset, sampler=sampler)
+    assert sampler.epochs == [0, 1, 2]
+    assert len({tuple(order) for order in sampler.orders}) == 3  # a new order each epoch
+    stream = RecordingStream(16, 32)
+    task.train({"output_dir": str(tmp_path / "stream"), "max_steps": 10}, dataset=stream)
+    assert stream.epochs == [0, 1, 2]
+
+
+def test_rng_state_is_saved_without_pickle_and_restores_every_generator(tmp_path):
+    import random
+
+    import numpy as np
+    from safetensors import safe_open
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached Gaussian in python's state, and one in numpy's:
+    np.random.standard_normal()
+    path = tmp_path / "rng.safetensors"
+    ckpt.save_rng_state(path)
+    draws = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    ckpt.set_rng_state(ckpt.load_rng_state(path))
+    assert (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == draws
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == {"torch", "numpy"} and set(f.metadata()) == {"python", "numpy"}
+    path.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match=r"rng.safetensors: unreadable RNG state"):
+        ckpt.load_rng_state(path)
+
+
+class Payload:
+    """Unpickling this creates a directory: the proof that loading ran the file's code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_planted_pickles_in_a_checkpoint_are_refused_by_name(tmp_path):
+    cfg = {"output_dir": str(tmp_path), "max_steps": 2, "save_every": 1, "keep_last": 0}
+    task.train(cfg)
+    latest = ckpt.latest_complete(tmp_path / "checkpoints")
+    ckpt.screen_pickles(latest)  # what DeepSpeed wrote passes
+    states = latest / "mp_rank_00_model_states.pt"
+    original = states.read_bytes()
+    marker = tmp_path / "PWNED"
+    torch.save({"module": Payload(marker)}, states)
+    refused = rf"{re.escape(str(states))}: refusing to unpickle it: it names posix\.mkdir"
+    with pytest.raises(ckpt.UnsafeCheckpointError, match=refused):
+        task.train({**cfg, "max_steps": 3})
+    with pytest.raises(ckpt.UnsafeCheckpointError, match=refused):
+        ckpt.consolidate_checkpoint(latest)
+    states.write_bytes(original[:len(original) // 2])
+    with pytest.raises(ckpt.UnsafeCheckpointError, match=rf"{re.escape(str(states))}: cannot be checked"):
+        ckpt.consolidate_checkpoint(latest)
+    assert not marker.exists()
+    states.write_bytes(original)
+    _, result = task.train({**cfg, "max_steps": 3})  # the restored file resumes
+    assert result.step == 3
+
+
 def test_resume_settings_are_checked(tmp_path):
     task.train({"output_dir": str(tmp_path / "done"), "max_steps": 2})
     with pytest.raises(TrainerError, match="resume=False"):
@@ -180,6 +306,10 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path):
     assert rows[-1]["loss_scale"] < 2**24
     overflowed = [r for r, prev in zip(rows, [0] + skipped) if r["skipped_steps"] > prev]
     assert all(not math.isfinite(r["grad_norm"]) for r in overflowed)
+    # Its checkpoint (a dynamic loss scaler among the pickled objects) passes the screening and resumes.
+    _, result = task.train({"output_dir": str(tmp_path / "run"), "max_steps": 6, "log_every": 1,
+                            "precision": "fp16", "zero_stage": 2, "deepspeed_config": str(ds_json)})
+    assert result.step == 6 and metrics(tmp_path / "run")[-1]["skipped_steps"] == skipped[-1]
     with pytest.raises(ConfigError, match="fp16 needs zero_stage"):
         deepspeed_config(TrainConfig(output_dir="x", precision="fp16", zero_stage=0), 1)
 

@@ -109,7 +109,8 @@ def build_model(seed: int = 0, frozen_prefixes: tuple[str, ...] = (), poison_tok
 
 def make_trainer(overrides: dict, *, samples: int = 64, seq_len: int = 32, frozen_prefixes: tuple[str, ...] = (),
                  poison_sample: int | None = None, hang_at_step: int | None = None, label_dropout: float = 0.0,
-                 eval_every_loss: bool = False, dataset: Dataset | None = None) -> Trainer:
+                 eval_every_loss: bool = False, dataset: Dataset | None = None, sampler=None,
+                 collate_fn=collate) -> Trainer:
     cfg = bind(TrainConfig, {"precision": "fp32", "num_workers": 0, "warmup_ratio": 0.0, "lr": 1e-2,
                              "peak_flops": 1e11, "tensorboard": False, **overrides}, "test train config")
     model = build_model(0, frozen_prefixes, POISON if poison_sample is not None else None, label_dropout)
@@ -130,7 +131,7 @@ def make_trainer(overrides: dict, *, samples: int = 64, seq_len: int = 32, froze
             out = model(held_out["input_ids"].to(device), held_out["labels"].to(device))
         return {"loss": float(out["loss"])}
 
-    return Trainer(cfg, model, dataset, collate_fn=collate,
+    return Trainer(cfg, model, dataset, collate_fn=collate_fn, sampler=sampler,
                    after_optimizer_step=hang if hang_at_step is not None else None,
                    eval_fn=evaluate if eval_every_loss else None)
 
