@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -190,17 +191,19 @@ def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [batch, 1, seq, head_dim] in rotate-half layout, computed in fp32 then cast."""
-    freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def rope_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sign-folded sin `[length, head_dim]` for positions 0..length-1 in rotate-half layout.
+
+    The first half of sin is negated, so `apply_rope` rotates with one `roll` instead of a negate and a concatenate;
+    the products are the same floats as transformers' `x * cos + rotate_half(x) * sin`.
+    """
+    freqs = torch.arange(length, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 # ---- KV cache ------------------------------------------------------------------------------------------------------
@@ -241,8 +244,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as the reference does) so bf16 runs match it.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # Both branches compute transformers' formula in its order (normalise in fp32, cast, then scale), so outputs
+        # match it bit for bit; in fp32 the fused op does it with one dispatch instead of seven.
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -310,6 +317,7 @@ class Llama(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self._rope_cache: tuple | None = None  # (inv_freq, dtype, cos, sin), see _rope_tables
         self.input_prompt: nn.Module | None = None
         self.gradient_checkpointing = False
 
@@ -338,8 +346,9 @@ class Llama(nn.Module):
         return total
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache for `max_len` real tokens per row (room for `input_prompt`'s virtual tokens is added)."""
         w = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+        return KVCache(self.config, batch_size, max_len + self.num_virtual_tokens(), device=w.device, dtype=w.dtype)
 
     def num_virtual_tokens(self) -> int:
         return 0 if self.input_prompt is None else int(self.input_prompt.num_tokens)
@@ -375,17 +384,19 @@ class Llama(nn.Module):
         if prepend:
             x = torch.cat((self.input_prompt(B).to(x.dtype), x), dim=1)
 
-        # Positions of the new real tokens: count real tokens so left padding does not shift them.
-        if attention_mask is not None:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        # Rotary positions. Virtual tokens come first (after the p prefix slots, which shift everything by p, as in
+        # peft); real tokens are counted through the mask so left padding does not shift them. Without a mask the
+        # positions are one contiguous run starting at past + p, and cos/sin are a slice of the tables (no gather).
+        if attention_mask is None:
+            cos, sin = self._rope_tables(past + n_prefix + x.shape[1], x.dtype)
+            cos, sin = (t[past + n_prefix:past + n_prefix + x.shape[1]][None, None] for t in (cos, sin))
         else:
-            real_past = past - n_virtual if past else 0
-            positions = torch.arange(real_past, real_past + T, device=x.device).expand(B, T)
-        positions = positions + n_virtual + n_prefix
-        if prepend:
-            virtual_pos = torch.arange(n_prefix, n_prefix + n_virtual, device=x.device).expand(B, n_virtual)
-            positions = torch.cat((virtual_pos, positions), dim=1)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:] + n_virtual + n_prefix
+            if prepend:
+                virtual_pos = torch.arange(n_prefix, n_prefix + n_virtual, device=x.device).expand(B, n_virtual)
+                positions = torch.cat((virtual_pos, positions), dim=1)
+            cos, sin = self._rope_tables(attention_mask.shape[1] + n_virtual + n_prefix, x.dtype)
+            cos, sin = cos[positions][:, None], sin[positions][:, None]
         mask = self._attention_mask(attention_mask, B, x.shape[1], past, n_virtual, n_prefix, x.device)
 
         for layer in self.layers:
@@ -401,6 +412,20 @@ class Llama(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def _rope_tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin `[>= length, head_dim]` in `dtype`, kept between calls and grown on demand.
+
+        Values are computed in fp32 and then cast, as transformers does per call. The tables follow `inv_freq` (they
+        are rebuilt when it is replaced or moved, e.g. by `from_hf` or `.to(device)`).
+        """
+        cached = self._rope_cache
+        if cached is None or cached[0] is not self.inv_freq or cached[1] != dtype or cached[2].shape[0] < length:
+            length = max(length, 256, 0 if cached is None else 2 * cached[2].shape[0])
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable by autograd later
+                cos, sin = rope_tables(self.inv_freq, length)
+                cached = self._rope_cache = (self.inv_freq, dtype, cos.to(dtype), sin.to(dtype))
+        return cached[2], cached[3]
 
     @staticmethod
     def _attention_mask(attention_mask, B, T, past, n_virtual, n_prefix, device) -> torch.Tensor | None:
@@ -448,11 +473,11 @@ class Llama(nn.Module):
             if key.startswith(ignore_prefixes) or _IGNORED_HF_KEY.search(key):
                 continue
             name = hf_to_ours(key)
+            if name == "lm_head.weight" and config.tie_embeddings:
+                continue  # tied: the embedding is the head (some tied checkpoints still store a copy)
             if name is None or name not in expected:
                 raise CheckpointError(f"{source}: unexpected key {key!r} (not a LLaMA weight; "
                                       f"pass ignore_prefixes to skip extra modules)")
-            if name == "lm_head.weight" and config.tie_embeddings:
-                continue  # tied: the embedding is the head
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise CheckpointError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
                                       f"config.json implies {tuple(expected[name].shape)}")
@@ -557,18 +582,57 @@ def iter_hf_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor, str]]
     for name in files:
         file = path / name
         if name.endswith(".safetensors"):
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for key in f.keys():
-                        yield key, f.get_tensor(key), str(file)
-            except SafetensorError as e:
-                raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+            for key, tensor in read_safetensors(file):
+                yield key, tensor, str(file)
         else:
             try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                state = torch.load(file, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any unpickling failure is reported with the file name
                 raise CheckpointError(f"{file}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict of tensors")
             for key in list(state):
                 yield key, state.pop(key), str(file)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of a .safetensors file, each read straight from the file into its own memory.
+
+    Plain reads instead of a memory map: the loaded weights do not depend on the file staying unchanged (rewriting a
+    mapped checkpoint in place would change or crash the model), and a dtype conversion does not keep mapped file
+    pages resident beside the converted copy.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file size {size}")
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            entries = sorted((int(info["data_offsets"][0]), int(info["data_offsets"][1]), key, info["dtype"],
+                              [int(n) for n in info["shape"]]) for key, info in header.items())
+        except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors header ({type(e).__name__}: {e}); "
+                                  "the file is corrupt or not a safetensors file") from None
+        data_start = 8 + header_len
+        for begin, end, key, dtype_name, shape in entries:
+            dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+            if dtype is None:
+                raise CheckpointError(f"{file}: key {key!r} has dtype {dtype_name!r}, which is not a weight dtype "
+                                      f"(supported: {', '.join(_SAFETENSORS_DTYPES)})")
+            n_bytes = math.prod(shape) * dtype.itemsize
+            if end - begin != n_bytes or data_start + end > size:
+                raise CheckpointError(f"{file}: key {key!r} ({dtype_name} {shape}) needs bytes {begin}..{end} "
+                                      f"of the data section, but the file has {size - data_start}; it is truncated "
+                                      "or corrupt")
+            buffer = torch.empty(n_bytes, dtype=torch.uint8)
+            f.seek(data_start + begin)
+            if n_bytes and f.readinto(memoryview(buffer.numpy())) != n_bytes:
+                raise CheckpointError(f"{file}: key {key!r}: file ended while reading; it is truncated")
+            yield key, buffer.view(dtype).reshape(shape)

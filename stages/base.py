@@ -1,0 +1,364 @@
+"""Demo only: the foundation models a real run downloads, made from the scene data in a few CPU minutes.
+
+The offline demo has no pretrained CLIP or LLaMA, so this stage builds tiny ones from the generated text and images:
+
+1. a SentencePiece BPE tokenizer (LLaMA conventions) trained on the captions and the instruction data;
+2. a small open_clip CLIP (custom config: 64 px images, patch 8) trained contrastively with open_clip's own `ClipLoss`
+   on image-caption pairs, its text tower reading our tokenizer's ids (pooled at `</s>`); saved in open_clip's
+   local-dir layout (`clip/open_clip_config.json` + `clip/open_clip_model.safetensors`), which `ModelSpec.vision_tower`
+   and `open_clip.create_model("local-dir:...")` both load;
+3. a tiny LLaMA pretrained as a language model on the same text (captions, and the instruction conversations rendered
+   with the chat template, images left out), saved as a Hugging Face directory `llm/` with its `tokenizer.model`.
+
+Both trainings run on the shared trainer (stages/trainer.py), so checkpoints, resume, metrics and `--nproc` work as in
+the real stages. Real runs skip this stage and point `model.llm` / `model.vision_tower` at real checkpoints.
+
+    llava-pipeline base output_dir=runs/demo/base captions=runs/demo/scenes/captions.jsonl \
+        instruct_data=[runs/demo/data/train.json] clip.train.epochs=4
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.config import ConfigError
+from stages import common
+from stages.trainer import TrainConfig
+
+CLIP_DIR, LLM_DIR, TOKENIZER_FILE = "clip", "llm", "tokenizer.model"
+
+# Defaults for the two trainings (unset keys of `clip.train` / `lm.train`): sized for 2 CPU cores and a few thousand
+# scenes. fp32: on small matrices bf16 buys nothing on a CPU.
+TRAIN_SECTIONS = {
+    "clip.train": ("clip_train", dict(epochs=8, micro_batch_size=64, lr=1e-3, weight_decay=0.1, warmup_ratio=0.1,
+                                      precision="fp32", num_workers=0, log_every=10, tensorboard=False)),
+    "lm.train": ("lm_train", dict(epochs=1, max_steps=200, micro_batch_size=16, lr=3e-3, weight_decay=0.1,
+                                  warmup_ratio=0.05, precision="fp32", num_workers=0, log_every=10,
+                                  tensorboard=False)),
+}
+
+
+@dataclass
+class TokenizerSpec:
+    vocab_size: int = 1000  # an upper bound: SentencePiece stops earlier when the text has fewer pieces
+
+
+@dataclass
+class ClipSpec:
+    """A small ViT CLIP: vision tower shapes match what the LLaVA model will read (64 patch tokens of width 128)."""
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    head_width: int = 32
+    embed_dim: int = 128
+    text_width: int = 128
+    text_heads: int = 4
+    text_layers: int = 2
+    context_length: int = 48  # caption tokens (ours) incl. </s>; longer captions are cut, keeping </s>
+    # The image embedding: "tok" (the CLS token, as OpenAI's CLIP) or "avg" (the mean of the patch tokens, so the
+    # contrastive loss shapes every patch token, which is what LLaVA reads).
+    pool_type: str = "tok"
+    train: TrainConfig | None = None
+
+
+@dataclass
+class LMSpec:
+    """A tiny LLaMA: `preset` from llava.model.llama.PRESETS with the shape overrides below; vocab = the tokenizer's."""
+    preset: str = "tiny"
+    dim: int | None = 128
+    n_layers: int | None = 4
+    n_heads: int | None = 4
+    n_kv_heads: int | None = 2
+    ffn_hidden: int | None = 352
+    max_seq_len: int = 512
+    block_size: int = 128  # tokens per training sequence (the text is packed)
+    template: str = "vicuna_v1"  # how instruction conversations are rendered into pretraining text
+    train: TrainConfig | None = None
+
+
+@dataclass
+class BaseConfig:
+    output_dir: str
+    captions: str  # captions JSONL: {"id", "image", "captions": [...], ...} per line (as `llava-pipeline scenes`)
+    image_folder: str | None = None  # default: <captions dir>/images
+    instruct_data: list = field(default_factory=list)  # LLaVA JSON files whose text joins the tokenizer/LM corpus
+    seed: int = 0
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    lm: LMSpec = field(default_factory=LMSpec)
+
+
+SCHEMA = BaseConfig  # what `--config` binds to; TRAIN_SECTIONS gives its train defaults
+
+
+# ---- reading the corpus --------------------------------------------------------------------------------------------
+
+def read_captions(path: Path) -> list[dict]:
+    """Caption records, checked line by line (the error names file:line and the key)."""
+    from llava.data.errors import DataError
+    from llava.data.instruct import check_image_path
+
+    if not path.is_file():
+        raise DataError(f"captions: {path} not found (write it with `llava-pipeline scenes`)")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected an object with 'image' and 'captions'")
+        image = check_image_path(record.get("image"), f"{path}:{number}")
+        captions = record.get("captions")
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip()
+                                                                      for c in captions):
+            raise DataError(f"{path}:{number}: 'captions' must be a non-empty list of strings")
+        records.append({"image": image, "captions": captions})
+    if not records:
+        raise DataError(f"{path}: no caption records")
+    return records
+
+
+def read_conversations(files: list) -> list[list[dict]]:
+    from llava.data.errors import DataError
+    from llava.data.instruct import _read_json_list
+
+    conversations = []
+    for file in files:
+        for index, entry in enumerate(_read_json_list(Path(file))):
+            if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
+                raise DataError(f"{file}: entry {index} has no 'conversations' list")
+            conversations.append(entry["conversations"])
+    return conversations
+
+
+def _without_image_tags(conversation: list[dict]) -> list[dict]:
+    from llava.constants import DEFAULT_IMAGE_TOKEN
+
+    return [{**turn, "value": turn["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()} for turn in conversation]
+
+
+def tokenizer_corpus(captions: list[dict], conversations: list[list[dict]], template: str) -> list[str]:
+    """Every text the models will see: captions and rendered conversations (roles, system prompt; no image tags)."""
+    from llava.conversation import get_template
+
+    render = get_template(template).render
+    texts = [caption for record in captions for caption in record["captions"]]
+    texts += [render(_without_image_tags(c)).replace("</s>", "\n") for c in conversations]
+    return texts
+
+
+# ---- CLIP ----------------------------------------------------------------------------------------------------------
+
+def clip_model_config(spec: ClipSpec, vocab_size: int, eos_id: int, pad_id: int) -> dict:
+    """open_clip model config: a ViT image tower and a causal text tower pooled at our tokenizer's </s>."""
+    return {
+        "embed_dim": spec.embed_dim,
+        "vision_cfg": {"image_size": spec.image_size, "patch_size": spec.patch_size, "width": spec.width,
+                       "layers": spec.layers, "head_width": spec.head_width, "pool_type": spec.pool_type},
+        "text_cfg": {"context_length": spec.context_length, "vocab_size": vocab_size, "width": spec.text_width,
+                     "heads": spec.text_heads, "layers": spec.text_layers, "pool_type": "eos", "eos_id": eos_id,
+                     "pad_id": pad_id},
+    }
+
+
+class CaptionPairs(Dataset):
+    """(image, one of its captions) per scene; the caption is drawn anew each time, so epochs see other phrasings."""
+
+    def __init__(self, records: list[dict], image_folder: Path, tokenizer, image_processor, context_length: int):
+        self.records, self.image_folder = records, image_folder
+        self.tokenizer, self.image_processor, self.context_length = tokenizer, image_processor, context_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        from llava.data.images import open_rgb
+
+        record = self.records[i]
+        caption = record["captions"][int(torch.randint(len(record["captions"]), ()))]
+        ids = self.tokenizer.encode(caption)[:self.context_length - 1] + [self.tokenizer.eos_id]
+        text = torch.full((self.context_length,), self.tokenizer.pad_id, dtype=torch.long)
+        text[:len(ids)] = torch.tensor(ids)
+        image = self.image_processor(open_rgb(self.image_folder / record["image"]))
+        return {"images": image, "texts": text}
+
+
+class ContrastiveObjective(nn.Module):
+    """CLIP's symmetric InfoNCE through open_clip's ClipLoss; features of other ranks join the negatives."""
+
+    def __init__(self, clip: nn.Module, rank: int, world_size: int):
+        super().__init__()
+        from open_clip.loss import ClipLoss
+
+        self.clip = clip
+        self.loss = ClipLoss(rank=rank, world_size=world_size)
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        out = self.clip(images, texts)
+        return {"loss": self.loss(out["image_features"], out["text_features"], out["logit_scale"])}
+
+
+def train_clip(cfg: BaseConfig, records: list[dict], tokenizer, out: Path) -> dict:
+    import open_clip
+
+    from llava.io import atomic_save_safetensors, atomic_write_json
+    from llava.model.vision import OPENAI_MEAN, OPENAI_STD, ImageProcessor
+    from stages.trainer import Trainer, setup_distributed
+
+    spec = cfg.clip
+    dist_info = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    model_cfg = clip_model_config(spec, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id)
+    clip = open_clip.CLIP(**model_cfg, output_dict=True)
+    # DeepSpeed's initial broadcast cannot view a 0-dim tensor as bytes: hold the temperature as [1] while training.
+    clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
+    preprocess = {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic",
+                  "resize_mode": "shortest"}
+    processor = ImageProcessor(spec.image_size, OPENAI_MEAN, OPENAI_STD, "bicubic", "pad")
+    image_folder = Path(cfg.image_folder) if cfg.image_folder else Path(cfg.captions).parent / "images"
+    dataset = CaptionPairs(records, image_folder, tokenizer, processor, spec.context_length)
+    objective = ContrastiveObjective(clip, dist_info.rank, dist_info.world_size)
+    trainer = Trainer(spec.train, objective, dataset)
+    result = trainer.fit()
+    state = trainer.state_dict(lambda name: name.startswith("clip."))
+    if common.is_main():
+        state = {k.removeprefix("clip."): v for k, v in state.items()}
+        state["logit_scale"] = state["logit_scale"].reshape(())
+        atomic_save_safetensors(state, out / "open_clip_model.safetensors")
+        atomic_write_json(out / common.OPEN_CLIP_CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+    common.barrier()
+    return result.metrics
+
+
+# ---- language model ------------------------------------------------------------------------------------------------
+
+def lm_documents(captions: list[dict], conversations: list[list[dict]], tokenizer, template: str) -> list[list[int]]:
+    """Token ids of every text: captions as `<s> caption </s>`, conversations exactly as stage 2 tokenizes them
+    (same template, same `</s>` after answers) with the image placeholder left out."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.conversation import tokenize_conversation
+
+    docs = [tokenizer.encode(caption, bos=True, eos=True) for record in captions for caption in record["captions"]]
+    for conversation in conversations:
+        ids, _ = tokenize_conversation(conversation, tokenizer, template)
+        docs.append([t for t in ids if t != IMAGE_TOKEN_INDEX])
+    return docs
+
+
+class PackedText(Dataset):
+    """Documents concatenated (in a seeded random order) and cut into blocks of `block_size` tokens."""
+
+    def __init__(self, documents: list[list[int]], block_size: int, seed: int):
+        order = list(range(len(documents)))
+        random.Random(seed).shuffle(order)
+        stream = torch.tensor([t for i in order for t in documents[i]], dtype=torch.long)
+        n_blocks = len(stream) // block_size
+        if n_blocks < 1:
+            raise ConfigError(f"lm: the corpus has {len(stream)} tokens, fewer than one block of {block_size}")
+        self.blocks = stream[:n_blocks * block_size].view(n_blocks, block_size)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.blocks[i]}
+
+
+class NextTokenObjective(nn.Module):
+    """Causal LM loss over every position of a packed block."""
+
+    def __init__(self, llm: nn.Module):
+        super().__init__()
+        self.llm = llm
+
+    def forward(self, input_ids: torch.Tensor) -> dict:
+        logits = self.llm(input_ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        return {"loss": loss, "logits": logits}
+
+
+def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) -> dict:
+    from llava.model.llama import Llama, LlamaConfig
+    from stages.trainer import Trainer
+
+    spec = cfg.lm
+    shape = {k: getattr(spec, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
+             if getattr(spec, k) is not None}
+    config = LlamaConfig.from_name(spec.preset, **shape, vocab_size=tokenizer.vocab_size,
+                                   max_seq_len=spec.max_seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    llm = Llama(config).init_weights(seed=cfg.seed)
+    trainer = Trainer(spec.train, NextTokenObjective(llm), PackedText(documents, spec.block_size + 1, cfg.seed))
+    result = trainer.fit()
+    state = trainer.state_dict(lambda name: name.startswith("llm."))
+    if common.is_main():
+        with torch.device("meta"):
+            trained = Llama(config)
+        trained.load_state_dict({k.removeprefix("llm."): v for k, v in state.items()}, strict=False, assign=True)
+        if config.tie_embeddings:
+            trained.lm_head.weight = trained.embed_tokens.weight
+        trained.save_hf(out)
+        (out / TOKENIZER_FILE).write_bytes(tokenizer.model_file.read_bytes())
+    common.barrier()
+    return result.metrics
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------------
+
+def run(cfg: BaseConfig) -> dict:
+    """Tokenizer, CLIP and LLaMA into cfg.output_dir; returns their paths and the final training metrics."""
+    from llava.tokenizer import Tokenizer
+    from stages.trainer import setup_distributed
+
+    out = Path(cfg.output_dir)
+    if not isinstance(cfg.instruct_data, list):
+        raise ConfigError(f"instruct_data: expected a list of LLaVA JSON files, got {cfg.instruct_data!r}")
+    setup_distributed()
+    common.save_resolved_config(cfg, out)
+    timings = {}
+    started = time.perf_counter()
+    records = read_captions(Path(cfg.captions))
+    conversations = read_conversations(cfg.instruct_data)
+    tokenizer_file = out / TOKENIZER_FILE
+    if common.is_main():
+        Tokenizer.train(tokenizer_corpus(records, conversations, cfg.lm.template), tokenizer_file,
+                        vocab_size=cfg.tokenizer.vocab_size)
+    common.barrier()
+    tokenizer = Tokenizer(tokenizer_file)
+    timings["tokenizer_s"] = time.perf_counter() - started
+    common.log(f"[base] tokenizer: {tokenizer.vocab_size} pieces from {len(records)} caption records and "
+               f"{len(conversations)} conversations ({timings['tokenizer_s']:.1f} s)")
+
+    started = time.perf_counter()
+    clip_metrics = train_clip(cfg, records, tokenizer, out / CLIP_DIR)
+    timings["clip_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    documents = lm_documents(records, conversations, tokenizer, cfg.lm.template)
+    lm_metrics = train_lm(cfg, documents, tokenizer, out / LLM_DIR)
+    timings["lm_s"] = time.perf_counter() - started
+    common.log("[base] " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return {"tokenizer": str(tokenizer_file), "vision_tower": str(out / CLIP_DIR), "llm": str(out / LLM_DIR),
+            "clip_metrics": clip_metrics, "lm_metrics": lm_metrics, "seconds": timings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.stage_main(argv, name="base", description=__doc__.split("\n\n")[0], schema=SCHEMA,
+                             train_sections=TRAIN_SECTIONS, run=run, entry=main)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
