@@ -93,6 +93,9 @@ class LlamaConfig:
         for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if key in hf and hf[key] != expected:
                 raise CheckpointError(f"{where}: {key}={hf[key]!r} is not supported (expected {expected!r})")
+        missing = [k for k in ("hidden_size", "num_attention_heads") if k not in hf]
+        if missing:
+            raise CheckpointError(f"{where}: missing required key {missing[0]!r}")
         dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, dim // n_heads):
             raise CheckpointError(f"{where}: head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported")
@@ -494,7 +497,10 @@ class Llama(nn.Module):
         return model.eval()
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {hf_key(name): p for name, p in self.named_parameters(remove_duplicate=False)}
+        # Only the decoder's own weights: adapter tensors (e.g. `q_proj.lora_A`) are not part of a HF LLaMA.
+        with torch.device("meta"):
+            base = {name for name, _ in Llama(self.config).named_parameters(remove_duplicate=False)}
+        state = {hf_key(name): p for name, p in self.named_parameters(remove_duplicate=False) if name in base}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight", None)
         return state
@@ -506,6 +512,9 @@ class Llama(nn.Module):
         path = Path(path)
         state = self.hf_state_dict()
         dtype = next(iter(state.values())).dtype
+        # config.json is written last and marks the directory complete: remove an old one first, so a save that
+        # fails half way over an earlier model never loads as a mix of old and new shards.
+        (path / "config.json").unlink(missing_ok=True)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for key, tensor in state.items():

@@ -96,13 +96,7 @@ def fill(path: Path, size: int) -> None:
 # ---- the table's known gaps ----------------------------------------------------------------------------------------
 # Case name -> what is wrong and the fix, for faults the code does not handle yet. Such a case runs as a strict xfail:
 # the suite shows the failure today and fails loudly once the fix lands (then delete the entry).
-KNOWN_GAPS: dict[str, str] = {
-    "HF config missing a key": (
-        "llava/model/llama.py LlamaConfig.from_hf_config reads hf['hidden_size'] and hf['num_attention_heads'] before "
-        "its try/except KeyError, so a config.json without them raises a bare KeyError. Fix: move the line "
-        "`dim, n_heads = hf['hidden_size'], hf['num_attention_heads']` inside the try block (the except already "
-        "turns KeyError into CheckpointError(f'{where}: missing required key ...'))"),
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def cases(table: list, name=lambda case: case.name) -> list:

@@ -88,7 +88,7 @@ CONFIG_FAULTS = [
     ConfigFault("unknown projector", lambda t: __import__("llava.model.projector").model.projector.build_projector(
         "mlp2x_relu", 8, 8), "ValueError", r"unknown projector type 'mlp2x_relu'; valid: linear, mlp\{N\}x_gelu"),
     ConfigFault("unknown adapter method", lambda t: _adapter("lorra"), "AdapterError",
-                r"unknown adapter method 'lorra'.*lora.*valid methods: .*lora"),
+                r"unknown adapter method 'lorra'.*lora.*valid methods:\s+(.|\n)*\blora:"),
     ConfigFault("typo'd adapter option", lambda t: _adapter("lora", rnak=4), "AdapterError",
                 r"adapter 'lora' has no option 'rnak'.*r\b"),
     ConfigFault("typo'd key in a saved model config", lambda t: _llava_config("projecter_type"), "ValueError",

@@ -29,7 +29,7 @@ def test_two_ranks_align_zero2_then_instruct_zero3_full_and_lora(tmp_path, base_
     assert main(["align", "--config", align_file, "--nproc", "2"]) == 0  # default zero_stage 2
     projector = load_file(str(tmp_path / "align" / "mm_projector.safetensors"))
     assert projector and all(t.numel() > 0 for t in projector.values())
-    assert sorted((tmp_path / "align" / "checkpoints").glob("step_*/rng_state_rank*.pt"))[-1].name.endswith("1.pt")
+    assert sorted((tmp_path / "align" / "checkpoints").glob("step_*/rng_state_rank*.safetensors"))[-1].name.endswith("1.safetensors")
 
     instruct = {"align_dir": str(tmp_path / "align"), "data": str(scene_data.instruct), "max_len": 256,
                 "image_folder": str(scene_data.images), "train": {**train, "lr": 5e-3, "zero_stage": 3}}
