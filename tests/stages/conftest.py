@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from stage_helpers import MICRO_TRAIN, bound, snapshot  # noqa: E402
+from stage_helpers import MICRO_BASE, MICRO_TRAIN, bound, snapshot  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,16 +35,6 @@ def scene_data(tmp_path_factory):
     return SimpleNamespace(root=root, captions=root / "scenes" / "captions.jsonl", images=root / "scenes" / "images",
                            shards=root / "scenes" / "shards", instruct=root / "train.json",
                            questions=root / "questions.jsonl", samples=samples)
-
-
-MICRO_BASE = {
-    "tokenizer": {"vocab_size": 400},
-    "clip": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "embed_dim": 32,
-             "text_width": 32, "text_heads": 2, "text_layers": 1, "context_length": 40,
-             "train": {**MICRO_TRAIN, "max_steps": 3, "micro_batch_size": 8}},
-    "lm": {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_hidden": 64, "block_size": 32,
-           "max_seq_len": 256, "train": {**MICRO_TRAIN, "max_steps": 12, "micro_batch_size": 8, "lr": 1e-2}},
-}
 
 
 @pytest.fixture(scope="session")
@@ -95,15 +85,6 @@ def caption_batch(cfg, model, tokenizer) -> dict:
 def probe_loss(model, batch) -> float:
     with torch.no_grad():
         return float(model(**batch)["loss"])
-
-
-def instruct_config(align_run, scene_data, out, **extra):
-    from stages import instruct
-
-    train = {**MICRO_TRAIN, "max_steps": 4, "micro_batch_size": 4, "lr": 5e-3, "zero_stage": 0,
-             "gradient_checkpointing": False, **extra.pop("train", {})}
-    return bound(instruct, {"output_dir": str(out), "align_dir": str(align_run.out), "data": str(scene_data.instruct),
-                            "image_folder": str(scene_data.images), "max_len": 256, "train": train, **extra})
 
 
 @pytest.fixture()

@@ -31,3 +31,22 @@ def changed(before: dict, model: torch.nn.Module, prefix: str) -> list[str]:
 def losses(output_dir: Path) -> list[float]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines if line.strip()]
+
+
+MICRO_BASE = {
+    "tokenizer": {"vocab_size": 400},
+    "clip": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "embed_dim": 32,
+             "text_width": 32, "text_heads": 2, "text_layers": 1, "context_length": 40,
+             "train": {**MICRO_TRAIN, "max_steps": 3, "micro_batch_size": 8}},
+    "lm": {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_hidden": 64, "block_size": 32,
+           "max_seq_len": 256, "train": {**MICRO_TRAIN, "max_steps": 12, "micro_batch_size": 8, "lr": 1e-2}},
+}
+
+
+def instruct_config(align_run, scene_data, out, **extra):
+    from stages import instruct
+
+    train = {**MICRO_TRAIN, "max_steps": 4, "micro_batch_size": 4, "lr": 5e-3, "zero_stage": 0,
+             "gradient_checkpointing": False, **extra.pop("train", {})}
+    return bound(instruct, {"output_dir": str(out), "align_dir": str(align_run.out), "data": str(scene_data.instruct),
+                            "image_folder": str(scene_data.images), "max_len": 256, "train": train, **extra})

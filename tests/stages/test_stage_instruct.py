@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import instruct_config
+from stage_helpers import instruct_config
 from stage_helpers import changed, snapshot
 
 

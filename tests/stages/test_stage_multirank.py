@@ -59,7 +59,7 @@ def test_two_ranks_base_stage(tmp_path, scene_data):
 
     import open_clip
 
-    from conftest import MICRO_BASE
+    from stage_helpers import MICRO_BASE
     from llava.model.llama import Llama
     from pipeline.cli import main
 
