@@ -243,9 +243,21 @@ def answer_questions(loaded, questions: Sequence[Question], image_folder: str | 
 
 
 def _image_path(image_folder: str | Path | None, question: Question) -> Path:
+    """The question's image; with an image folder, a path that stays inside it (as training data paths do)."""
     path = Path(question.image)
-    if not path.is_absolute() and image_folder is not None:
-        path = Path(image_folder) / path
+    if image_folder is not None:
+        from llava.data.instruct import check_image_path
+
+        where = f"question {question.question_id!r}"
+        try:
+            check_image_path(question.image, where)
+        except ValueError as e:
+            raise QuestionFileError(str(e)) from None
+        root = Path(image_folder).resolve()
+        path = (root / path).resolve()
+        if not path.is_relative_to(root):
+            raise QuestionFileError(f"{where}: image path {question.image!r} resolves to {path}, outside the "
+                                    f"image folder {root}")
     if not path.is_file():
         hint = "" if image_folder else " (pass --image-folder, the folder the question file's image paths start from)"
         raise QuestionFileError(f"question {question.question_id!r}: image not found: {path}{hint}")

@@ -46,15 +46,14 @@ class LoadedModel:
         return ("\n",) if (template or self.template) == "plain" else ()
 
     def open_image(self, path: str | Path) -> torch.Tensor:
-        from PIL import Image
+        from llava.data.images import ImageError, open_rgb
 
         if self._processor is None:
             self._processor = self.model.image_processor()
-        try:
-            with Image.open(path) as image:
-                return self._processor(image.convert("RGB"))
-        except OSError as e:
-            raise ModelLoadError(f"{path}: cannot read the image ({e})") from None
+        try:  # open_rgb: decompression-bomb guard, any mode (CMYK, 16-bit, alpha) to RGB, errors naming the file
+            return self._processor(open_rgb(path))
+        except ImageError as e:
+            raise ModelLoadError(str(e)) from None
 
     @torch.no_grad()
     def generate_texts(self, conversations: Sequence[list[dict]], images: Sequence[torch.Tensor | None], config,
