@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean readme
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,3 +28,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs
+
+readme:
+	$(PY) docs/build_readme.py
