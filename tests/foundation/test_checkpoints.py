@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 from foundation_helpers import random_ids, save_hf_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llava.model import CheckpointError, Llama, LlamaConfig
 
