@@ -60,6 +60,17 @@ def resolve(target: str) -> Callable[[list[str]], int]:
     return function
 
 
+def finish_process_group() -> None:
+    """After a rank's body returned: wait for every rank, then tear the process group down here, in order. A rank that
+    simply exits while rank 0 still writes (consolidation, result files) can abort at interpreter exit ("terminate
+    called without an active exception") when gloo's threads are destroyed with the process group still alive."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(main: Callable[[list[str]], int], argv: list[str], nproc: int = 1) -> int:
     """`main(argv)` here, or in `nproc` torchrun ranks (returns the launcher's exit code)."""
     if nproc < 1:
@@ -69,7 +80,9 @@ def run(main: Callable[[list[str]], int], argv: list[str], nproc: int = 1) -> in
         if nproc > 1 and world != nproc and int(os.environ.get("RANK", "0")) == 0:
             print(f"[launch] already running as one of {world} ranks of a launcher; ignoring --nproc {nproc}",
                   file=sys.stderr)
-        return int(main(argv) or 0)
+        code = int(main(argv) or 0)
+        finish_process_group()
+        return code
     command = torchrun_command(nproc, target_of(main), argv)
     print(f"[launch] {' '.join(command)}", file=sys.stderr, flush=True)
     return subprocess.call(command)
