@@ -4,8 +4,11 @@ The offline demo has no pretrained CLIP or LLaMA, so this stage builds tiny ones
 
 1. a SentencePiece BPE tokenizer (LLaMA conventions) trained on the captions and the instruction data;
 2. a small open_clip CLIP (custom config: 64 px images, patch 8) trained contrastively with open_clip's own `ClipLoss`
-   on image-caption pairs, its text tower reading our tokenizer's ids (pooled at `</s>`); saved in open_clip's
-   local-dir layout (`clip/open_clip_config.json` + `clip/open_clip_model.safetensors`), which `ModelSpec.vision_tower`
+   on image-caption pairs, its text tower reading our tokenizer's ids (pooled at `</s>`), plus a region-phrase term
+   where the captions file has object boxes: each box's patch tokens, pooled, must pick the box's label among the
+   batch's labels (as RegionCLIP / GLIP ground phrases). From 2000 captions alone a tiny CLIP learns colours but
+   hardly shapes, so the LLaVA built on it cannot find "the triangle"; the region term puts shapes into the patch
+   tokens LLaVA reads (docs/pipeline.md has the measurements). Saved in open_clip's local-dir layout (`clip/open_clip_config.json` + `clip/open_clip_model.safetensors`), which `ModelSpec.vision_tower`
    and `open_clip.create_model("local-dir:...")` both load;
 3. a tiny LLaMA pretrained as a language model on the same text (captions, and the instruction conversations rendered
    with the chat template, images left out), saved as a Hugging Face directory `llm/` with its `tokenizer.model`.
@@ -67,6 +70,9 @@ class ClipSpec:
     # The image embedding: "tok" (the CLS token, as OpenAI's CLIP) or "avg" (the mean of the patch tokens, so the
     # contrastive loss shapes every patch token, which is what LLaVA reads).
     pool_type: str = "tok"
+    # Weight of the region-phrase term (0: off). It uses the "boxes" of the captions file ({"label", "bbox": [x0, y0,
+    # x1, y1] normalised}); records without boxes add nothing to it.
+    region_weight: float = 1.0
     train: TrainConfig | None = None
 
 
@@ -124,10 +130,30 @@ def read_captions(path: Path) -> list[dict]:
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip()
                                                                       for c in captions):
             raise DataError(f"{path}:{number}: 'captions' must be a non-empty list of strings")
-        records.append({"image": image, "captions": captions})
+        records.append({"image": image, "captions": captions,
+                        "boxes": _read_boxes(record.get("boxes", []), f"{path}:{number}")})
     if not records:
         raise DataError(f"{path}: no caption records")
     return records
+
+
+def _read_boxes(boxes, where: str) -> list[tuple[str, tuple[float, float, float, float]]]:
+    from llava.data.errors import DataError
+
+    if not isinstance(boxes, list):
+        raise DataError(f"{where}: 'boxes' must be a list of {{'label', 'bbox'}} objects")
+    out = []
+    for k, box in enumerate(boxes):
+        label = box.get("label") if isinstance(box, dict) else None
+        bbox = box.get("bbox") if isinstance(box, dict) else None
+        if not isinstance(label, str) or not label.strip():
+            raise DataError(f"{where}: boxes[{k}] needs a non-empty 'label'")
+        if (not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)
+                or not (0 <= bbox[0] < bbox[2] <= 1 and 0 <= bbox[1] < bbox[3] <= 1)):
+            raise DataError(f"{where}: boxes[{k}].bbox must be [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
+                            f"0 <= y0 < y1 <= 1 (normalised), got {bbox!r}")
+        out.append((label.strip(), tuple(float(v) for v in bbox)))
+    return out
 
 
 def read_conversations(files: list) -> list[list[dict]]:
@@ -173,12 +199,28 @@ def clip_model_config(spec: ClipSpec, vocab_size: int, eos_id: int, pad_id: int)
     }
 
 
-class CaptionPairs(Dataset):
-    """(image, one of its captions) per scene; the caption is drawn anew each time, so epochs see other phrasings."""
+def box_weights(bbox: tuple[float, float, float, float], grid: int) -> torch.Tensor:
+    """[grid * grid] weights averaging the patches a normalised box touches (row-major, as the ViT's tokens)."""
+    x0, y0, x1, y1 = bbox
+    cols = range(min(grid - 1, int(x0 * grid)), max(min(grid, -int(-x1 * grid // 1)), int(x0 * grid) + 1))
+    rows = range(min(grid - 1, int(y0 * grid)), max(min(grid, -int(-y1 * grid // 1)), int(y0 * grid) + 1))
+    weights = torch.zeros(grid, grid)
+    weights[rows.start:rows.stop, cols.start:cols.stop] = 1.0
+    return (weights / weights.sum()).flatten()
 
-    def __init__(self, records: list[dict], image_folder: Path, tokenizer, image_processor, context_length: int):
+
+class CaptionPairs(Dataset):
+    """(image, one of its captions) per scene; the caption is drawn anew each time, so epochs see other phrasings.
+    With `grid`, also the scene's boxes as patch weights `regions` [max boxes, grid * grid] and `region_labels`
+    (indices into `self.phrases`, -1 for padding)."""
+
+    def __init__(self, records: list[dict], image_folder: Path, tokenizer, image_processor, context_length: int,
+                 grid: int | None = None):
         self.records, self.image_folder = records, image_folder
         self.tokenizer, self.image_processor, self.context_length = tokenizer, image_processor, context_length
+        self.grid = grid
+        self.phrases = sorted({label for r in records for label, _ in r.get("boxes", ())}) if grid else []
+        self.max_boxes = max((len(r.get("boxes", ())) for r in records), default=0) if grid else 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -192,22 +234,58 @@ class CaptionPairs(Dataset):
         text = torch.full((self.context_length,), self.tokenizer.pad_id, dtype=torch.long)
         text[:len(ids)] = torch.tensor(ids)
         image = self.image_processor(open_rgb(self.image_folder / record["image"]))
-        return {"images": image, "texts": text}
+        item = {"images": image, "texts": text}
+        if self.max_boxes:
+            item["regions"] = torch.zeros(self.max_boxes, self.grid * self.grid)
+            item["region_labels"] = torch.full((self.max_boxes,), -1, dtype=torch.long)
+            for k, (label, bbox) in enumerate(record["boxes"]):
+                item["regions"][k] = box_weights(bbox, self.grid)
+                item["region_labels"][k] = self.phrases.index(label)
+        return item
+
+    def phrase_tokens(self) -> torch.Tensor:
+        """[phrases, context_length] token ids of the box labels, each ended by </s> and padded (open_clip's text
+        tower takes exactly its context length)."""
+        ids = [self.tokenizer.encode(p)[:self.context_length - 1] + [self.tokenizer.eos_id] for p in self.phrases]
+        out = torch.full((len(ids), self.context_length), self.tokenizer.pad_id, dtype=torch.long)
+        for k, row in enumerate(ids):
+            out[k, :len(row)] = torch.tensor(row)
+        return out
 
 
 class ContrastiveObjective(nn.Module):
-    """CLIP's symmetric InfoNCE through open_clip's ClipLoss; features of other ranks join the negatives."""
+    """CLIP's symmetric InfoNCE through open_clip's ClipLoss (features of other ranks join the negatives), plus
+    `region_weight` times the region-phrase term: the boxes' pooled patch tokens, in CLIP's joint space, classify
+    their own labels among the labels present in the rank's batch, the text tower embedding the labels."""
 
-    def __init__(self, clip: nn.Module, rank: int, world_size: int):
+    def __init__(self, clip: nn.Module, rank: int, world_size: int, phrase_tokens: torch.Tensor | None = None,
+                 region_weight: float = 0.0):
         super().__init__()
         from open_clip.loss import ClipLoss
 
         self.clip = clip
         self.loss = ClipLoss(rank=rank, world_size=world_size)
+        self.phrase_tokens, self.region_weight = phrase_tokens, region_weight  # a plain attribute: not saved
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
-        out = self.clip(images, texts)
-        return {"loss": self.loss(out["image_features"], out["text_features"], out["logit_scale"])}
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, regions: torch.Tensor | None = None,
+                region_labels: torch.Tensor | None = None) -> dict:
+        visual = self.clip.visual
+        visual.output_tokens = True  # (pooled, patch tokens after ln_post); off again so the saved model is plain
+        try:
+            pooled, tokens = visual(images)
+        finally:
+            visual.output_tokens = False
+        scale = self.clip.logit_scale.exp()
+        loss = self.loss(F.normalize(pooled, dim=-1), self.clip.encode_text(texts, normalize=True), scale)
+        if self.region_weight and regions is not None and bool((region_labels >= 0).any()):
+            valid = region_labels >= 0
+            features = torch.einsum("bkp,bpw->bkw", regions.to(tokens.dtype), tokens)[valid] @ visual.proj
+            present = torch.unique(region_labels[valid])
+            phrases = self.clip.encode_text(self.phrase_tokens[present].to(texts.device), normalize=True)
+            logits = scale * F.normalize(features, dim=-1) @ phrases.T
+            loss = loss + self.region_weight * F.cross_entropy(logits, torch.searchsorted(present,
+                                                                                          region_labels[valid]))
+        return {"loss": loss}
 
 
 def train_clip(cfg: BaseConfig, records: list[dict], tokenizer, out: Path) -> dict:
@@ -228,8 +306,15 @@ def train_clip(cfg: BaseConfig, records: list[dict], tokenizer, out: Path) -> di
                   "resize_mode": "shortest"}
     processor = ImageProcessor(spec.image_size, OPENAI_MEAN, OPENAI_STD, "bicubic", "pad")
     image_folder = Path(cfg.image_folder) if cfg.image_folder else Path(cfg.captions).parent / "images"
-    dataset = CaptionPairs(records, image_folder, tokenizer, processor, spec.context_length)
-    objective = ContrastiveObjective(clip, dist_info.rank, dist_info.world_size)
+    if spec.region_weight < 0:
+        raise ConfigError(f"base.clip.region_weight must be >= 0, got {spec.region_weight}")
+    grid = spec.image_size // spec.patch_size if spec.region_weight else None
+    dataset = CaptionPairs(records, image_folder, tokenizer, processor, spec.context_length, grid=grid)
+    objective = ContrastiveObjective(clip, dist_info.rank, dist_info.world_size,
+                                     dataset.phrase_tokens() if dataset.max_boxes else None, spec.region_weight)
+    if grid:
+        common.log(f"[base] CLIP region-phrase term (weight {spec.region_weight}): "
+                   f"{sum(len(r['boxes']) for r in records)} boxes, {len(dataset.phrases)} distinct labels")
     trainer = Trainer(spec.train, objective, dataset)
     result = trainer.fit()
     state = trainer.state_dict(lambda name: name.startswith("clip."))

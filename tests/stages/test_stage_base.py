@@ -65,3 +65,104 @@ def test_both_trainings_ran_on_the_trainer_and_the_lm_learned(base_run):
     for sub in ("clip_train", "lm_train"):
         assert list((base_run.out / sub / "checkpoints").glob("step_*/complete.json"))
     assert (base_run.out / "config.yaml").is_file()
+
+
+def test_box_weights_average_exactly_the_patches_a_box_touches():
+    from stages.base import box_weights
+
+    weights = box_weights((0.0781, 0.5, 0.25, 0.6719), 8).view(8, 8)
+    assert weights.nonzero().tolist() == [[4, 0], [4, 1], [5, 0], [5, 1]]
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+    assert box_weights((0.9, 0.9, 1.0, 1.0), 8).view(8, 8).nonzero().tolist() == [[7, 7]]  # the edge stays inside
+    assert box_weights((0.5, 0.5, 0.5001, 0.5002), 8).nonzero().flatten().tolist() == [36]  # a sliver: one patch
+
+
+def _tiny_clip():
+    import open_clip
+
+    from stages.base import ClipSpec, clip_model_config
+
+    spec = ClipSpec(image_size=32, patch_size=8, width=32, layers=2, head_width=16, embed_dim=16, text_width=32,
+                    text_layers=1, context_length=12)
+    torch.manual_seed(0)
+    return open_clip.CLIP(**clip_model_config(spec, vocab_size=50, eos_id=2, pad_id=0), output_dict=True)
+
+
+def test_contrastive_objective_is_open_clips_loss_plus_the_region_phrase_term():
+    import torch.nn.functional as F
+    from open_clip.loss import ClipLoss
+
+    from stages.base import ContrastiveObjective, box_weights
+
+    clip = _tiny_clip()
+    images = torch.randn(3, 3, 32, 32)
+    texts = torch.randint(3, 50, (3, 12))
+    texts[:, 6], texts[:, 7:] = 2, 0
+    phrases = torch.zeros(4, 12, dtype=torch.long)
+    phrases[:, 0], phrases[:, 1] = torch.tensor([5, 6, 7, 8]), 2
+    boxes = [[(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)], [(0.2, 0.2, 0.9, 0.6)], []]
+    labels = [[3, 1], [3], []]
+    regions = torch.zeros(3, 2, 16)
+    region_labels = torch.full((3, 2), -1)
+    for i, (bs, ls) in enumerate(zip(boxes, labels)):
+        for k, (box, label) in enumerate(zip(bs, ls)):
+            regions[i, k], region_labels[i, k] = box_weights(box, 4), label
+
+    out = clip(images, texts)
+    contrastive = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
+    plain = ContrastiveObjective(clip, 0, 1)(images, texts)["loss"]
+    torch.testing.assert_close(plain, contrastive)  # weight 0 / no boxes: exactly open_clip's CLIP + ClipLoss
+
+    objective = ContrastiveObjective(clip, 0, 1, phrases, region_weight=0.5)
+    loss = objective(images, texts, regions, region_labels)["loss"]
+    assert clip.visual.output_tokens is False  # the saved model stays a plain CLIP
+    # by hand: mean of the patch tokens under each box, CLIP's projection, cosine to the present labels (1 and 3)
+    clip.visual.output_tokens = True
+    _, tokens = clip.visual(images)
+    clip.visual.output_tokens = False
+    feats, targets = [], []
+    for i, (bs, ls) in enumerate(zip(boxes, labels)):
+        for box, label in zip(bs, ls):
+            feats.append(tokens[i][box_weights(box, 4) > 0].mean(0) @ clip.visual.proj)
+            targets.append([1, 3].index(label))
+    phrase_features = clip.encode_text(phrases[[1, 3]], normalize=True)
+    logits = clip.logit_scale.exp() * F.normalize(torch.stack(feats), dim=-1) @ phrase_features.T
+    torch.testing.assert_close(loss, contrastive + 0.5 * F.cross_entropy(logits, torch.tensor(targets)))
+
+
+def test_bad_boxes_in_the_captions_file_are_named(tmp_path):
+    import pytest
+
+    from llava.data.errors import DataError
+    from stages.base import read_captions
+
+    good = {"image": "a.png", "captions": ["A red circle."], "boxes": [{"label": "red circle", "bbox": [0, 0, .5, .5]}]}
+    path = tmp_path / "captions.jsonl"
+    for box, match in (({"bbox": [0, 0, .5, .5]}, r"captions.jsonl:2: boxes\[0\] needs a non-empty 'label'"),
+                       ({"label": "x", "bbox": [.5, 0, .2, .5]}, r"captions.jsonl:2: boxes\[0\].bbox must be"),
+                       ({"label": "x", "bbox": [0, 0, 2, 1]}, r"captions.jsonl:2: boxes\[0\].bbox must be")):
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "boxes": [box]}) + "\n")
+        with pytest.raises(DataError, match=match):
+            read_captions(path)
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "boxes": "none"}) + "\n")
+    with pytest.raises(DataError, match=r"captions.jsonl:2: 'boxes' must be a list"):
+        read_captions(path)
+    path.write_text(json.dumps(good) + "\n")
+    assert read_captions(path)[0]["boxes"] == [("red circle", (0.0, 0.0, 0.5, 0.5))]
+
+
+def test_the_micro_base_run_trained_clip_with_the_scene_boxes(base_run, scene_data):
+    from llava.model.vision import ImageProcessor
+    from llava.tokenizer import Tokenizer
+    from stages.base import CaptionPairs, read_captions
+
+    records = read_captions(scene_data.captions)
+    dataset = CaptionPairs(records, scene_data.images, Tokenizer(base_run.outputs["tokenizer"]), ImageProcessor(32),
+                           context_length=48, grid=4)
+    item = dataset[0]
+    n_boxes = len(records[0]["boxes"])
+    assert item["regions"].shape == (dataset.max_boxes, 16) and 1 <= n_boxes <= dataset.max_boxes
+    torch.testing.assert_close(item["regions"][:n_boxes].sum(1), torch.ones(n_boxes))
+    assert (item["region_labels"][:n_boxes] >= 0).all() and (item["region_labels"][n_boxes:] == -1).all()
+    assert [dataset.phrases[i] for i in item["region_labels"][:n_boxes]] == [b[0] for b in records[0]["boxes"]]
+    assert base_run.cfg.clip.region_weight > 0
