@@ -22,7 +22,8 @@ are scored on the last `--eval-samples` samples of the data, held out: answer-to
 
     python bench/adapters.py                                  # tiny LLaMA, CPU, ~2 minutes on 2 cores
     python bench/adapters.py --quick                          # a smoke run
-    python bench/adapters.py --model-dir runs/demo/align/final --data demo/instruct.json --image-folder demo/images
+    python bench/adapters.py --model-dir runs/demo/align --data runs/demo/data/train.json \
+        --image-folder runs/demo/scenes/train/images        # --model-dir: stage 1's output (or a LlavaModel dir)
 """
 from __future__ import annotations
 
@@ -67,7 +68,28 @@ def base_llama(model_dir: str | None, device: str) -> Llama:
     if model_dir is None:
         return Llama(BENCH_CONFIG).init_weights(seed=0).to(device)
     path = Path(model_dir)
+    if (path / "model_config.json").is_file():  # a stage-1 (align) output: its LLM is where the config says
+        from stages.common import read_model_config
+
+        return Llama.from_hf(read_model_config(path / "model_config.json")[0].llm_path, device=device)
     return Llama.from_hf(path / "llm" if (path / "llm" / "config.json").is_file() else path, device=device)
+
+
+def load_llava(model_dir: str, device: str):
+    """A LlavaModel directory (LlavaModel.save, e.g. a full stage-2 `final/`), or a stage-1 output directory: the
+    model stage 2 starts from (pretrained LLM and tower, trained projector, vicuna_v1 template)."""
+    from llava.model.llava import LlavaModel
+
+    path = Path(model_dir)
+    if (path / "model_config.json").is_file():
+        from stages.common import build_model, read_model_config
+
+        config, tokenizer_file = read_model_config(path / "model_config.json")
+        config.template, config.max_len = "vicuna_v1", 2048
+        model, _ = build_model(config, tokenizer_file, torch.float32)
+        model.load_projector(path / "mm_projector.safetensors")
+        return model.to(device)
+    return LlavaModel.load(path).to(device)
 
 
 def prepare(model: torch.nn.Module, run: str, extra_trainable: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
@@ -243,10 +265,8 @@ def quality(runs: list[str], args, lrs: dict[str, float]) -> dict[str, tuple[flo
     from llava.constants import IGNORE_INDEX
     from llava.data.collate import Collator
     from llava.data.instruct import InstructDataset
-    from llava.model.llava import LlavaModel
-
     def load():
-        return LlavaModel.load(args.model_dir).to(args.device)
+        return load_llava(args.model_dir, args.device)
 
     probe = load()
     tokenizer = probe.load_tokenizer()
@@ -307,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--model-dir", default=None,
-                        help="a LlavaModel directory (or a Hugging Face LLaMA directory for the table only)")
+                        help="a stage-1 (align) output directory or a LlavaModel directory (or a Hugging Face LLaMA directory "
+                             "for the table only)")
     parser.add_argument("--data", default=None, help="LLaVA instruction JSON: adds the quality comparison")
     parser.add_argument("--image-folder", default=None)
     parser.add_argument("--steps", type=int, default=200, help="stage-2 steps per method for the quality comparison")

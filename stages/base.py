@@ -266,6 +266,12 @@ class ContrastiveObjective(nn.Module):
         self.clip = clip
         self.loss = ClipLoss(rank=rank, world_size=world_size)
         self.phrase_tokens, self.region_weight = phrase_tokens, region_weight  # a plain attribute: not saved
+        # CLIP's own parameters (temperature, text positions and projection) and the image projection are read here,
+        # outside their modules' forward: ZeRO-3 must gather them for this module's forward (a no-op otherwise).
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for parameter in [*clip.parameters(recurse=False), clip.visual.proj]:
+            register_external_parameter(self, parameter)
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor, regions: torch.Tensor | None = None,
                 region_labels: torch.Tensor | None = None) -> dict:
