@@ -76,6 +76,16 @@ def _types(text: str) -> list[str]:
     return types
 
 
+def _turns(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FEWEST,MOST (e.g. 3,5), got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected 1 <= FEWEST <= MOST, got {text!r}")
+    return low, high
+
+
 def generate_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llava-pipeline generate", description=(
         "Write LLaVA instruction JSON from a captions JSONL file, with GPT through any OpenAI-compatible endpoint "
@@ -87,6 +97,8 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--types", type=_types, default=list(DEFAULT_TYPES),
                         help=f"comma-separated, from {','.join(RESPONSE_TYPES)} (default {','.join(DEFAULT_TYPES)})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--short-answer-turns", type=_turns, default=(3, 5), metavar="FEWEST,MOST",
+                        help="questions per short_answer sample (default 3,5; LLaVA-1.5 packs all of an image's)")
     parser.add_argument("--cache", help="finished-items cache (default OUT.cache.jsonl)")
     parser.add_argument("--failures", help="failed items with reasons (default OUT.failures.jsonl)")
     parser.add_argument("--summary", help="summary JSON (default OUT.summary.json)")
@@ -141,7 +153,8 @@ def generate_main(argv: list[str]) -> int:
         summary = generate(args.input, args.out, backend=args.backend, types=args.types, seed=args.seed,
                            workers=args.workers, cache_path=args.cache, failures_path=args.failures,
                            summary_path=args.summary, skip_bad=args.skip_bad, limit=args.limit,
-                           progress=not args.no_progress, openai_config=config)
+                           progress=not args.no_progress, openai_config=config,
+                           answer_turns=args.short_answer_turns)
     except (InputError, CacheError, BackendFatal, ValueError) as e:
         return _fail(parser.prog, e)
     _print_summary(summary)

@@ -180,11 +180,13 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
              types: Iterable[str] = DEFAULT_TYPES, seed: int = 0, workers: int = 4,
              cache_path: str | os.PathLike | None = None, failures_path: str | os.PathLike | None = None,
              summary_path: str | os.PathLike | None = None, skip_bad: bool = False, limit: int | None = None,
-             progress: bool = True, openai_config: OpenAIConfig | None = None) -> dict:
+             progress: bool = True, openai_config: OpenAIConfig | None = None,
+             answer_turns: tuple[int, int] = (3, 5)) -> dict:
     """Generate LLaVA instruction data for every (record, type); returns the summary (also written as JSON).
 
     Defaults put the cache, failures and summary next to the output: OUT.cache.jsonl, OUT.failures.jsonl,
     OUT.summary.json. Raises BackendFatal when the backend cannot work at all (no key, key rejected).
+    `answer_turns`: (fewest, most) questions per short_answer sample.
     """
     started = time.monotonic()
     types = list(dict.fromkeys(types))
@@ -209,13 +211,20 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
         model_backend = OfflineBackend(vocabulary, seed=seed)
         workers = 1  # pure Python: threads would only add overhead
 
+    answer_turns = tuple(answer_turns)
+    if len(answer_turns) != 2 or not 1 <= answer_turns[0] <= answer_turns[1]:
+        raise ValueError(f"answer_turns must be (fewest, most) with 1 <= fewest <= most, got {answer_turns}")
+    # the cache records how short answers were made, so a cache of 3-5 turns is never reused for 10
+    low, high = answer_turns
+    rules_source = RULES_SOURCE if answer_turns == (3, 5) else f"{RULES_SOURCE}:turns={low}-{high}"
+
     def source_of(response_type: str) -> str:
-        return RULES_SOURCE if response_type == "short_answer" else model_backend.source
+        return rules_source if response_type == "short_answer" else model_backend.source
 
     def work(record: CaptionRecord, response_type: str) -> Outcome:
         try:
             if response_type == "short_answer":
-                turns = short_answer_turns(record, vocabulary, seed)
+                turns = short_answer_turns(record, vocabulary, seed, answer_turns)
             else:
                 turns = model_backend.generate(record, response_type)
         except ItemFailed as e:

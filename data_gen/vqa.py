@@ -139,14 +139,20 @@ def ask(category: str, record: CaptionRecord, vocabulary: Vocabulary, rng: rando
     return ASKERS[category](objects, world.absent_kinds(objects, vocabulary), rng, want_yes)
 
 
-def short_answer_turns(record: CaptionRecord, vocabulary: Vocabulary, seed: int = 0) -> list[dict]:
-    """3–5 distinct short-answer questions about one image, as {question, answer} turns (training data)."""
+def short_answer_turns(record: CaptionRecord, vocabulary: Vocabulary, seed: int = 0,
+                       turns: tuple[int, int] = (3, 5)) -> list[dict]:
+    """`turns` = (fewest, most) distinct short-answer questions about one image, as {question, answer} turns (training
+    data; fewer when the image has fewer distinct facts). Many turns per image is LLaVA-1.5's packing of all of an
+    image's VQA questions into one conversation: the image is encoded once for all of them."""
+    low, high = turns
+    if not 1 <= low <= high:
+        raise ValueError(f"short-answer turns must satisfy 1 <= fewest <= most, got {turns}")
     rng = stable_rng(seed, record.id, "short_answer")
-    wanted = rng.randint(3, 5)
+    wanted = rng.randint(low, high)
     want_yes = rng.random() < 0.5
     turns: list[dict] = []
     facts: set[tuple[str, str]] = set()
-    for _ in range(4 * wanted):
+    for _ in range(6 * wanted if turns != (3, 5) else 4 * wanted):  # (3, 5): the attempts of earlier versions
         if len(turns) == wanted:
             break
         category = rng.choice(CATEGORIES)

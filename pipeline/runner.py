@@ -250,9 +250,18 @@ class GenerateSection:
     workers: int = 4
     limit: int | None = None
     skip_bad: bool = False
+    short_answer_turns: list = field(default_factory=lambda: [3, 5])  # [fewest, most] questions per short_answer sample
     questions_per_image: int = 3
     open_every: int = 10  # one open (sentence-answer) question every N held-out images
     openai: dict = field(default_factory=dict)  # data_gen.openai_backend.OpenAIConfig keys (model, base_url, rpm, ...)
+
+
+def _answer_turns(value) -> tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, int) for v in value)
+            or not 1 <= value[0] <= value[1]):
+        raise ConfigError(f"generate.short_answer_turns: expected [fewest, most] with 1 <= fewest <= most, got "
+                          f"{value!r}")
+    return value[0], value[1]
 
 
 @dataclass
@@ -372,7 +381,8 @@ def plan_generate(run: Run, cfg: GenerateSection) -> Plan:
                 name = response_type if k == 0 else f"{response_type}.{k}"
                 summary = generate(captions, out / f"{name}.json", backend=cfg.backend, types=[response_type],
                                    seed=cfg.seed + k, workers=cfg.workers, skip_bad=cfg.skip_bad, limit=limit,
-                                   progress=False, openai_config=openai_config)
+                                   progress=False, openai_config=openai_config,
+                                   answer_turns=_answer_turns(cfg.short_answer_turns))
                 if summary["failed"]:
                     raise PipelineError(f"generate: {summary['failed']} {response_type} item(s) failed (reasons in "
                                         f"{summary['failures']}); run the pipeline again to retry them (finished "
@@ -609,6 +619,7 @@ def _check_generate(cfg: GenerateSection, where: str) -> None:
     if not isinstance(cfg.types, (list, dict)) or not cfg.types:
         raise ConfigError(f"{where}.types: expected a list of response types or a mapping {{type: fraction}}, got "
                           f"{cfg.types!r}")
+    _answer_turns(cfg.short_answer_turns)
     fractions = type_fractions(cfg.types)
     unknown = [t for t in fractions if t not in RESPONSE_TYPES]
     if unknown:

@@ -79,3 +79,28 @@ def test_never_asks_about_an_object_it_cannot_single_out(tmp_path):
         for turn in short_answer_turns(twins, Vocabulary(), seed):
             assert "the circle?" not in turn["question"] and "the red object?" not in turn["question"]
             check_short_answer(turn["question"], turn["answer"], twins)
+
+
+def test_many_turns_per_image_are_distinct_true_and_cached_apart(scenes, tmp_path):
+    from data_gen.driver import CacheError, generate
+
+    records, _ = read_captions(scenes)
+    lengths = Counter()
+    for record in records:
+        turns = short_answer_turns(record, Vocabulary(), seed=0, turns=(10, 10))
+        lengths[len(turns)] += 1
+        assert len(turns) <= 10 and len({t["question"] for t in turns}) == len(turns)
+        for turn in turns:
+            check_short_answer(turn["question"], turn["answer"], record)
+    assert lengths[10] >= 0.9 * len(records)  # fewer only when a scene has fewer distinct facts
+    with pytest.raises(ValueError, match="1 <= fewest <= most"):
+        short_answer_turns(records[0], Vocabulary(), turns=(5, 3))
+
+    out = tmp_path / "sa.json"
+    generate(scenes, out, types=["short_answer"], progress=False, answer_turns=(10, 10), limit=20)
+    samples = json.loads(out.read_text())
+    assert sum(len(s["conversations"]) // 2 for s in samples) >= 0.9 * 20 * 10
+    assert samples[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert all(t["value"].endswith(SHORT_ANSWER_SUFFIX) for s in samples for t in s["conversations"][::2])
+    with pytest.raises(CacheError, match="rules:turns=10-10"):  # a cache of 10 turns is never reused for 3-5
+        generate(scenes, out, types=["short_answer"], progress=False, limit=20)

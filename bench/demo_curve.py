@@ -1,0 +1,125 @@
+"""How fast stage 2 learns the demo's short answers: exact match on training and held-out questions every N steps.
+
+Starts from a finished demo run's stage-1 output (`RUN/align`), trains projector + LLM (as the demo's stage 2: AdamW,
+warm-up then cosine, gradient clipping 1.0) on a chosen part of the run's instruction data, and every `--every` steps
+answers `--questions` short-answer questions of training scenes (turns of the training data) and of the held-out scenes
+(`RUN/data/questions.jsonl`) greedily, scored like `llava-pipeline eval` (exact match after normalisation). The gap
+between the two columns is over-fitting to the training scenes; a slow rise of both is the model's learning speed.
+
+    python bench/demo_curve.py --run runs/demo [--data short_answer] [--steps 1600] [--every 400] [--lr 1e-3]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def training_questions(samples: list[dict], limit: int) -> list[dict]:
+    """The first short-answer turn of the first `limit` samples, as eval question lines (with the reference)."""
+    from llava.constants import DEFAULT_IMAGE_TOKEN
+
+    out = []
+    for sample in samples[:limit]:
+        human, gpt = sample["conversations"][0]["value"], sample["conversations"][1]["value"]
+        text = human.replace(DEFAULT_IMAGE_TOKEN + "\n", "").replace("\n" + DEFAULT_IMAGE_TOKEN, "")
+        out.append({"question_id": sample["id"], "image": sample["image"], "text": text, "answer": gpt,
+                    "category": "train"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="out_dir of a finished `llava-pipeline run`")
+    parser.add_argument("--data", default="short_answer",
+                        help="comma-separated parts of RUN/data: conversation, detail, reasoning, short_answer")
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--every", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--questions", type=int, default=150, help="questions per side at each evaluation")
+    parser.add_argument("--max-len", type=int, default=384)
+    args = parser.parse_args(argv)
+
+    from llava.data.collate import Collator
+    from llava.data.instruct import InstructDataset
+    from pipeline.evaluate import answer_questions, exact_match, read_questions
+    from pipeline.loading import LoadedModel
+    from stages import instruct
+    from stages.common import bind_stage
+
+    torch.manual_seed(0)
+    samples = [s for part in args.data.split(",") for s in
+               json.loads((args.run / "data" / f"{part.strip()}.json").read_text())]
+    random.Random(0).shuffle(samples)
+    scratch = Path(tempfile.mkdtemp(prefix="demo_curve_"))
+    (scratch / "train.json").write_text(json.dumps(samples))
+    short = json.loads((args.run / "data" / "short_answer.json").read_text())
+    (scratch / "train_questions.jsonl").write_text(
+        "".join(json.dumps(q) + "\n" for q in training_questions(short, args.questions)))
+
+    cfg = bind_stage(instruct.SCHEMA, {"output_dir": str(scratch / "out"), "align_dir": str(args.run / "align"),
+                                       "data": str(scratch / "train.json"),
+                                       "image_folder": str(args.run / "scenes" / "train" / "images"),
+                                       "max_len": args.max_len, "train": {"precision": "fp32"}},
+                     name="demo_curve", train_sections=instruct.TRAIN_SECTIONS)
+    model, tokenizer = instruct.starting_model(cfg)
+    data = InstructDataset(cfg.data, tokenizer, image_folder=cfg.image_folder, image_processor=model.image_processor(),
+                           template=model.config.template, max_len=args.max_len,
+                           num_image_tokens=model.num_image_tokens)
+    collate = Collator(tokenizer.pad_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sides = (("train", scratch / "train_questions.jsonl", args.run / "scenes" / "train" / "images"),
+             ("held-out", args.run / "data" / "questions.jsonl", args.run / "scenes" / "heldout" / "images"))
+    print(f"{len(data)} samples ({args.data}); {args.steps} steps x {args.batch}; lr {args.lr}\n")
+    print("| step | seconds | train exact match | held-out exact match | held-out by category |")
+    print("|---:|---:|---:|---:|---|")
+
+    def evaluate(step: int, seconds: float) -> None:
+        model.eval()
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, template=model.config.template, model_id="curve")
+        cells, detail = [], ""
+        for name, question_file, folder in sides:
+            questions = [q for q in read_questions(question_file) if q.answer is not None][:args.questions]
+            texts = answer_questions(loaded, questions, folder, batch_size=50, max_new_tokens=8)
+            by = collections.defaultdict(list)
+            for question, text in zip(questions, texts):
+                by[question.category].append(exact_match(text, question.answer))
+            cells.append(sum(sum(v) for v in by.values()) / len(questions))
+            if name == "held-out":
+                detail = " ".join(f"{c} {sum(v) / len(v):.2f}" for c, v in sorted(by.items()))
+        print(f"| {step} | {seconds:.0f} | {cells[0]:.3f} | {cells[1]:.3f} | {detail} |", flush=True)
+        model.train()
+
+    order = torch.randperm(len(data)).tolist()
+    warmup = max(1, args.steps // 30)
+    model.train()
+    started = time.perf_counter()
+    for step in range(args.steps):
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * scale
+        batch = collate([data[order[(step * args.batch + j) % len(order)]] for j in range(args.batch)])
+        loss = model(**{k: batch[k] for k in ("input_ids", "labels", "attention_mask", "images")})["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % args.every == 0 or step + 1 == args.steps:
+            evaluate(step + 1, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
