@@ -23,6 +23,7 @@ the real stages. Real runs skip this stage and point `model.llm` / `model.vision
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -203,8 +204,8 @@ def clip_model_config(spec: ClipSpec, vocab_size: int, eos_id: int, pad_id: int)
 def box_weights(bbox: tuple[float, float, float, float], grid: int) -> torch.Tensor:
     """[grid * grid] weights averaging the patches a normalised box touches (row-major, as the ViT's tokens)."""
     x0, y0, x1, y1 = bbox
-    cols = range(min(grid - 1, int(x0 * grid)), max(min(grid, -int(-x1 * grid // 1)), int(x0 * grid) + 1))
-    rows = range(min(grid - 1, int(y0 * grid)), max(min(grid, -int(-y1 * grid // 1)), int(y0 * grid) + 1))
+    cols = range(min(grid - 1, int(x0 * grid)), max(min(grid, math.ceil(x1 * grid)), int(x0 * grid) + 1))
+    rows = range(min(grid - 1, int(y0 * grid)), max(min(grid, math.ceil(y1 * grid)), int(y0 * grid) + 1))
     weights = torch.zeros(grid, grid)
     weights[rows.start:rows.stop, cols.start:cols.stop] = 1.0
     return (weights / weights.sum()).flatten()
@@ -221,6 +222,7 @@ class CaptionPairs(Dataset):
         self.tokenizer, self.image_processor, self.context_length = tokenizer, image_processor, context_length
         self.grid = grid
         self.phrases = sorted({label for r in records for label, _ in r.get("boxes", ())}) if grid else []
+        self.phrase_index = {phrase: k for k, phrase in enumerate(self.phrases)}
         self.max_boxes = max((len(r.get("boxes", ())) for r in records), default=0) if grid else 0
 
     def __len__(self) -> int:
@@ -241,7 +243,7 @@ class CaptionPairs(Dataset):
             item["region_labels"] = torch.full((self.max_boxes,), -1, dtype=torch.long)
             for k, (label, bbox) in enumerate(record["boxes"]):
                 item["regions"][k] = box_weights(bbox, self.grid)
-                item["region_labels"][k] = self.phrases.index(label)
+                item["region_labels"][k] = self.phrase_index[label]
         return item
 
     def phrase_tokens(self) -> torch.Tensor:
@@ -284,8 +286,12 @@ class ContrastiveObjective(nn.Module):
             visual.output_tokens = False
         scale = self.clip.logit_scale.exp()
         loss = self.loss(F.normalize(pooled, dim=-1), self.clip.encode_text(texts, normalize=True), scale)
-        if self.region_weight and regions is not None and bool((region_labels >= 0).any()):
+        if self.region_weight and self.phrase_tokens is not None and regions is not None:
             valid = region_labels >= 0
+            if not bool(valid.any()):  # a batch without boxes: the text tower still runs a phrase, so that every
+                # rank makes the same ZeRO-3 gathers (a rank skipping a module's forward would hang the others)
+                phrases = self.clip.encode_text(self.phrase_tokens[:1].to(texts.device), normalize=True)
+                return {"loss": loss + 0.0 * phrases.sum()}
             features = torch.einsum("bkp,bpw->bkw", regions.to(tokens.dtype), tokens)[valid] @ visual.proj
             present = torch.unique(region_labels[valid])
             phrases = self.clip.encode_text(self.phrase_tokens[present].to(texts.device), normalize=True)

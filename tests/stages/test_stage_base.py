@@ -166,3 +166,22 @@ def test_the_micro_base_run_trained_clip_with_the_scene_boxes(base_run, scene_da
     assert (item["region_labels"][:n_boxes] >= 0).all() and (item["region_labels"][n_boxes:] == -1).all()
     assert [dataset.phrases[i] for i in item["region_labels"][:n_boxes]] == [b[0] for b in records[0]["boxes"]]
     assert base_run.cfg.clip.region_weight > 0
+
+
+def test_a_batch_without_boxes_adds_nothing_but_still_runs_the_phrase_tower():
+    from open_clip.loss import ClipLoss
+
+    from stages.base import ContrastiveObjective
+
+    clip = _tiny_clip()
+    images, texts = torch.randn(2, 3, 32, 32), torch.randint(3, 50, (2, 12))
+    texts[:, 5], texts[:, 6:] = 2, 0
+    phrases = torch.zeros(2, 12, dtype=torch.long)
+    phrases[:, 0], phrases[:, 1] = torch.tensor([5, 6]), 2
+    calls = []
+    clip.token_embedding.register_forward_hook(lambda *_: calls.append(1))
+    objective = ContrastiveObjective(clip, 0, 1, phrases, region_weight=1.0)
+    loss = objective(images, texts, torch.zeros(2, 1, 16), torch.full((2, 1), -1))["loss"]
+    assert len(calls) == 2  # captions and one phrase: every rank makes the same ZeRO-3 gathers
+    out = clip(images, texts)
+    torch.testing.assert_close(loss, ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]))
