@@ -60,11 +60,12 @@ def parse_record(obj: object, where: str) -> CaptionRecord:
         raise InputError(f"{where}: key 'captions' must be a non-empty list of non-empty strings")
     if not isinstance(obj["boxes"], list):
         raise InputError(f"{where}: key 'boxes' must be a list of {{\"label\", \"bbox\"}} objects (may be empty)")
-    boxes = tuple(_parse_box(box, f"{where}: boxes[{i}]") for i, box in enumerate(obj["boxes"]))
+    boxes = tuple(parse_box(box, f"{where}: boxes[{i}]") for i, box in enumerate(obj["boxes"]))
     return CaptionRecord(str(record_id), image, tuple(c.strip() for c in captions), boxes)
 
 
-def _parse_box(box: object, where: str) -> Box:
+def parse_box(box: object, where: str) -> Box:
+    """One {"label", "bbox"} object, checked; errors name `where`, the key and the fix."""
     if not isinstance(box, dict) or "label" not in box or "bbox" not in box:
         raise InputError(f"{where}: a box must be an object with keys 'label' and 'bbox'")
     label = box["label"]

@@ -140,22 +140,17 @@ def read_captions(path: Path) -> list[dict]:
 
 
 def _read_boxes(boxes, where: str) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """The record's boxes as (label, bbox), checked by the data generator's own box parser."""
+    from data_gen.records import InputError, parse_box
     from llava.data.errors import DataError
 
     if not isinstance(boxes, list):
         raise DataError(f"{where}: 'boxes' must be a list of {{'label', 'bbox'}} objects")
-    out = []
-    for k, box in enumerate(boxes):
-        label = box.get("label") if isinstance(box, dict) else None
-        bbox = box.get("bbox") if isinstance(box, dict) else None
-        if not isinstance(label, str) or not label.strip():
-            raise DataError(f"{where}: boxes[{k}] needs a non-empty 'label'")
-        if (not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)
-                or not (0 <= bbox[0] < bbox[2] <= 1 and 0 <= bbox[1] < bbox[3] <= 1)):
-            raise DataError(f"{where}: boxes[{k}].bbox must be [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
-                            f"0 <= y0 < y1 <= 1 (normalised), got {bbox!r}")
-        out.append((label.strip(), tuple(float(v) for v in bbox)))
-    return out
+    try:
+        parsed = [parse_box(box, f"{where}: boxes[{k}]") for k, box in enumerate(boxes)]
+    except InputError as e:
+        raise DataError(str(e)) from None
+    return [(box.label, box.bbox) for box in parsed]
 
 
 def read_conversations(files: list) -> list[list[dict]]:

@@ -138,9 +138,12 @@ def test_bad_boxes_in_the_captions_file_are_named(tmp_path):
 
     good = {"image": "a.png", "captions": ["A red circle."], "boxes": [{"label": "red circle", "bbox": [0, 0, .5, .5]}]}
     path = tmp_path / "captions.jsonl"
-    for box, match in (({"bbox": [0, 0, .5, .5]}, r"captions.jsonl:2: boxes\[0\] needs a non-empty 'label'"),
-                       ({"label": "x", "bbox": [.5, 0, .2, .5]}, r"captions.jsonl:2: boxes\[0\].bbox must be"),
-                       ({"label": "x", "bbox": [0, 0, 2, 1]}, r"captions.jsonl:2: boxes\[0\].bbox must be")):
+    for box, match in (({"bbox": [0, 0, .5, .5]}, r"captions.jsonl:2: boxes\[0\]: a box must be an object with "
+                                                  r"keys 'label' and 'bbox'"),
+                       ({"label": "x", "bbox": [.5, 0, .2, .5]}, r"captions.jsonl:2: boxes\[0\]: key 'bbox' .* is in "
+                                                                 r"the wrong order"),
+                       ({"label": "x", "bbox": [0, 0, 2, 1]}, r"captions.jsonl:2: boxes\[0\]: key 'bbox' .* is out "
+                                                              r"of range")):
         path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "boxes": [box]}) + "\n")
         with pytest.raises(DataError, match=match):
             read_captions(path)
