@@ -13,7 +13,7 @@ from data_gen.openai_backend import BackendFatal, OpenAIConfig
 from data_gen.prompting import RESPONSE_TYPES
 from data_gen.records import InputError
 from data_gen.scenes import render_scenes
-from data_gen.vqa import make_question_file
+from data_gen.vqa import check_turns, make_question_file
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -78,12 +78,10 @@ def _types(text: str) -> list[str]:
 
 def _turns(text: str) -> tuple[int, int]:
     try:
-        low, high = (int(v) for v in text.split(","))
+        return check_turns(tuple(int(v) for v in text.split(",")))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FEWEST,MOST (e.g. 3,5), got {text!r}") from None
-    if not 1 <= low <= high:
-        raise argparse.ArgumentTypeError(f"expected 1 <= FEWEST <= MOST, got {text!r}")
-    return low, high
+        raise argparse.ArgumentTypeError(f"expected FEWEST,MOST with 1 <= FEWEST <= MOST (e.g. 3,5), got "
+                                         f"{text!r}") from None
 
 
 def generate_main(argv: list[str]) -> int:

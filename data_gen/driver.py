@@ -27,7 +27,7 @@ from data_gen.offline import OfflineBackend
 from data_gen.openai_backend import ItemFailed, OpenAIBackend, OpenAIConfig
 from data_gen.prompting import GPT_TYPES, RESPONSE_TYPES
 from data_gen.records import CaptionRecord, read_captions
-from data_gen.vqa import short_answer_turns
+from data_gen.vqa import check_turns, short_answer_turns
 from data_gen.world import Vocabulary
 from llava.io import atomic_write_json, atomic_write_text
 
@@ -211,9 +211,7 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
         model_backend = OfflineBackend(vocabulary, seed=seed)
         workers = 1  # pure Python: threads would only add overhead
 
-    answer_turns = tuple(answer_turns)
-    if len(answer_turns) != 2 or not 1 <= answer_turns[0] <= answer_turns[1]:
-        raise ValueError(f"answer_turns must be (fewest, most) with 1 <= fewest <= most, got {answer_turns}")
+    answer_turns = check_turns(answer_turns)
     # the cache records how short answers were made, so a cache of 3-5 turns is never reused for 10
     low, high = answer_turns
     rules_source = RULES_SOURCE if answer_turns == (3, 5) else f"{RULES_SOURCE}:turns={low}-{high}"

@@ -139,14 +139,20 @@ def ask(category: str, record: CaptionRecord, vocabulary: Vocabulary, rng: rando
     return ASKERS[category](objects, world.absent_kinds(objects, vocabulary), rng, want_yes)
 
 
+def check_turns(turns) -> tuple[int, int]:
+    """(fewest, most) questions per short-answer sample, checked: two integers with 1 <= fewest <= most."""
+    if (not isinstance(turns, (list, tuple)) or len(turns) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in turns) or not 1 <= turns[0] <= turns[1]):
+        raise ValueError(f"short-answer turns must be (fewest, most) with 1 <= fewest <= most, got {turns!r}")
+    return turns[0], turns[1]
+
+
 def short_answer_turns(record: CaptionRecord, vocabulary: Vocabulary, seed: int = 0,
                        turns: tuple[int, int] = (3, 5)) -> list[dict]:
     """`turns` = (fewest, most) distinct short-answer questions about one image, as {question, answer} turns (training
     data; fewer when the image has fewer distinct facts). Many turns per image is LLaVA-1.5's packing of all of an
     image's VQA questions into one conversation: the image is encoded once for all of them."""
-    low, high = turns
-    if not 1 <= low <= high:
-        raise ValueError(f"short-answer turns must satisfy 1 <= fewest <= most, got {turns}")
+    low, high = check_turns(turns)
     rng = stable_rng(seed, record.id, "short_answer")
     wanted = rng.randint(low, high)
     want_yes = rng.random() < 0.5

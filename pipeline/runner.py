@@ -257,11 +257,13 @@ class GenerateSection:
 
 
 def _answer_turns(value) -> tuple[int, int]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, int) for v in value)
-            or not 1 <= value[0] <= value[1]):
+    from data_gen.vqa import check_turns
+
+    try:
+        return check_turns(value)
+    except ValueError:
         raise ConfigError(f"generate.short_answer_turns: expected [fewest, most] with 1 <= fewest <= most, got "
-                          f"{value!r}")
-    return value[0], value[1]
+                          f"{value!r}") from None
 
 
 @dataclass
