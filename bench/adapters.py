@@ -81,14 +81,14 @@ def load_llava(model_dir: str, device: str):
     from llava.model.llava import LlavaModel
 
     path = Path(model_dir)
-    if (path / "model_config.json").is_file():
-        from stages.common import build_model, read_model_config
+    if (path / "model_config.json").is_file():  # exactly what stage 2 starts from, through its own loader
+        from stages import instruct
+        from stages.common import bind_stage
 
-        config, tokenizer_file = read_model_config(path / "model_config.json")
-        config.template, config.max_len = "vicuna_v1", 2048
-        model, _ = build_model(config, tokenizer_file, torch.float32)
-        model.load_projector(path / "mm_projector.safetensors")
-        return model.to(device)
+        cfg = bind_stage(instruct.SCHEMA, {"output_dir": str(path / "unused"), "data": "unused", "align_dir": str(path),
+                                           "train": {"precision": "fp32"}},
+                         name="bench", train_sections=instruct.TRAIN_SECTIONS)
+        return instruct.starting_model(cfg)[0].to(device)
     return LlavaModel.load(path).to(device)
 
 
