@@ -11,7 +11,6 @@ between the two columns is over-fitting to the training scenes; a slow rise of b
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import random
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llava.data.collate import Collator
     from llava.data.instruct import InstructDataset
-    from pipeline.evaluate import answer_questions, exact_match, read_questions
+    from pipeline.evaluate import answer_questions, read_questions, score_answers
     from pipeline.loading import LoadedModel
     from stages import instruct
     from stages.common import bind_stage
@@ -93,12 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, question_file, folder in sides:
             questions = [q for q in read_questions(question_file) if q.answer is not None][:args.questions]
             texts = answer_questions(loaded, questions, folder, batch_size=50, max_new_tokens=8)
-            by = collections.defaultdict(list)
-            for question, text in zip(questions, texts):
-                by[question.category].append(exact_match(text, question.answer))
-            cells.append(sum(sum(v) for v in by.values()) / len(questions))
+            scores = score_answers(questions, {str(q.question_id): t for q, t in zip(questions, texts)})
+            cells.append(scores["overall"]["accuracy"])
             if name == "held-out":
-                detail = " ".join(f"{c} {sum(v) / len(v):.2f}" for c, v in sorted(by.items()))
+                detail = " ".join(f"{c} {v['accuracy']:.2f}" for c, v in scores["categories"].items())
         print(f"| {step} | {seconds:.0f} | {cells[0]:.3f} | {cells[1]:.3f} | {detail} |", flush=True)
         model.train()
 
