@@ -23,16 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def load_tower(clip_dir: Path, select_layer: int):
-    from safetensors.torch import load_file
+    """The open_clip local-dir tower as stage 1 builds it (stages.common reads the layout)."""
+    from llava.model.vision import build_vision_tower
+    from stages.common import open_clip_dir
 
-    from llava.model.vision import VisionTower
-
-    model_cfg = json.loads((clip_dir / "open_clip_config.json").read_text())["model_cfg"]
-    tower = VisionTower({"embed_dim": model_cfg["embed_dim"], "vision_cfg": model_cfg["vision_cfg"]},
-                        select_layer=select_layer)
-    state = load_file(str(clip_dir / "open_clip_model.safetensors"))
-    tower.visual.load_state_dict({k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")})
-    return tower.eval()
+    config, weights, _ = open_clip_dir(clip_dir)
+    return build_vision_tower(config, weights, select_layer=select_layer).eval()
 
 
 def box_features(tower, folder: Path) -> tuple[torch.Tensor, list[list[str]]]:

@@ -102,7 +102,7 @@ def _open_clip_json(config_file: Path) -> tuple[dict, dict]:
     return data.get("model_cfg", data), data.get("preprocess_cfg", {})
 
 
-def _open_clip_dir(path: Path) -> tuple[dict, str, dict]:
+def open_clip_dir(path: Path) -> tuple[dict, str, dict]:
     """(model config, weights file, preprocessing) of an open_clip local-dir directory."""
     config, preprocess = _open_clip_json(path / OPEN_CLIP_CONFIG)
     weights = next((path / name for name in OPEN_CLIP_WEIGHTS if (path / name).is_file()), None)
@@ -126,7 +126,7 @@ def llava_config(spec: ModelSpec, *, template: str, max_len: int, freeze_vision:
     if isinstance(tower, str) and (Path(tower) / OPEN_CLIP_CONFIG).is_file():
         if weights is not None:
             raise ConfigError(f"model.vision_weights: {tower} holds its own weights; leave vision_weights unset")
-        tower, weights, preprocess = _open_clip_dir(Path(tower))
+        tower, weights, preprocess = open_clip_dir(Path(tower))
     elif isinstance(tower, str) and tower.endswith(".json") and Path(tower).is_file():
         tower, preprocess = _open_clip_json(Path(tower))
     elif not isinstance(tower, (str, dict)):
