@@ -6,11 +6,21 @@ answers `--questions` short-answer questions of training scenes (turns of the tr
 (`RUN/data/questions.jsonl`) greedily, scored like `llava-pipeline eval` (exact match after normalisation). The gap
 between the two columns is over-fitting to the training scenes; a slow rise of both is the model's learning speed.
 
-    python bench/demo_curve.py --run runs/demo [--data short_answer] [--steps 1600] [--every 400] [--lr 1e-3]
+`--vision` separates what the LLM can learn from what the tower shows it:
+- `clip` (default): the run's CLIP tower and stage-1 projector, as the demo trains them.
+- `oracle`: the tower and projector are replaced by exact per-patch scene facts, read from the captions files'
+  boxes: for each of the grid's patches, one-hot colour + shape + size of every box over it, plus one-hot row and
+  column, through a fresh trainable 2-layer MLP. A perfect vision tower could give the LLM no more than this.
+- `text`: no image at all; the scene is given as text in its place ("Objects: large red triangle in the bottom left
+  corner; ..."), as the data generator's GPT sees it.
+
+    python bench/demo_curve.py --run runs/demo [--data short_answer] [--steps 1600] [--every 400] [--lr 1e-3] \
+        [--vision clip|oracle|text]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -37,6 +47,45 @@ def training_questions(samples: list[dict], limit: int) -> list[dict]:
     return out
 
 
+def scene_facts(captions_jsonl: Path, grid: int) -> dict[str, torch.Tensor]:
+    """{image file: [grid * grid, features]} exact per-patch facts of each scene (see --vision oracle)."""
+    from data_gen.records import read_captions
+    from data_gen.world import SCENE_COLOURS, SCENE_SHAPES, SCENE_SIZES, read_objects
+
+    colours, shapes, sizes = list(SCENE_COLOURS), list(SCENE_SHAPES), list(SCENE_SIZES)
+    base = len(colours) + len(shapes) + len(sizes)
+    records, _ = read_captions(captions_jsonl)
+    facts = {}
+    for record in records:
+        f = torch.zeros(grid, grid, base + 2 * grid)
+        for i in range(grid):
+            f[i, :, base + i] = 1.0  # row
+            f[:, i, base + grid + i] = 1.0  # column
+        for obj in read_objects(record.boxes):
+            if None in (obj.colour, obj.shape, obj.size):
+                raise SystemExit(f"{captions_jsonl}: image {record.image}: box label {obj.label!r} is not a scene "
+                                 "label '<size> <colour> <shape>'; --vision oracle needs a `scenes` run")
+            rows = [i for i in range(grid) if obj.y1 * grid < i + 1 and obj.y2 * grid > i]
+            cols = [j for j in range(grid) if obj.x1 * grid < j + 1 and obj.x2 * grid > j]
+            for i in rows:
+                for j in cols:
+                    f[i, j, colours.index(obj.colour)] += 1.0
+                    f[i, j, len(colours) + shapes.index(obj.shape)] += 1.0
+                    f[i, j, len(colours) + len(shapes) + sizes.index(obj.size)] += 1.0
+        facts[record.image] = f.flatten(0, 1)
+    return facts
+
+
+def scene_texts(captions_jsonl: Path) -> dict[str, str]:
+    """{image file: "Objects: <label> <location>; ..."} (see --vision text)."""
+    from data_gen.records import read_captions
+    from data_gen.world import read_objects
+
+    records, _ = read_captions(captions_jsonl)
+    return {r.image: "Objects: " + "; ".join(f"{o.label} {o.location}" for o in read_objects(r.boxes)) + "."
+            for r in records}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="out_dir of a finished `llava-pipeline run`")
@@ -48,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--questions", type=int, default=150, help="questions per side at each evaluation")
     parser.add_argument("--max-len", type=int, default=384)
+    parser.add_argument("--vision", choices=("clip", "oracle", "text"), default="clip")
     args = parser.parse_args(argv)
 
     from llava.data.collate import Collator
@@ -61,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     samples = [s for part in args.data.split(",") for s in
                json.loads((args.run / "data" / f"{part.strip()}.json").read_text())]
     random.Random(0).shuffle(samples)
+    scenes = {side: args.run / "scenes" / side / "captions.jsonl" for side in ("train", "heldout")}
+    scene_text = {side: scene_texts(path) for side, path in scenes.items()} if args.vision == "text" else {}
+    if args.vision == "text":
+        from llava.constants import DEFAULT_IMAGE_TOKEN
+
+        samples = [{"id": s["id"], "conversations": [
+            {**turn, "value": turn["value"].replace(DEFAULT_IMAGE_TOKEN, scene_text["train"][s["image"]])}
+            if k == 0 else turn
+            for k, turn in enumerate(s["conversations"])]} for s in samples]
     scratch = Path(tempfile.mkdtemp(prefix="demo_curve_"))
     (scratch / "train.json").write_text(json.dumps(samples))
     short = json.loads((args.run / "data" / "short_answer.json").read_text())
@@ -77,11 +136,19 @@ def main(argv: list[str] | None = None) -> int:
                            template=model.config.template, max_len=args.max_len,
                            num_image_tokens=model.num_image_tokens)
     collate = Collator(tokenizer.pad_id)
+    facts = {}
+    if args.vision == "oracle":
+        grid = model.vision.visual.grid_size[0]
+        facts = {side: scene_facts(path, grid) for side, path in scenes.items()}
+        width = next(iter(facts["train"].values())).shape[-1]
+        model.projector = torch.nn.Sequential(torch.nn.Linear(width, model.llm.config.dim), torch.nn.GELU(),
+                                              torch.nn.Linear(model.llm.config.dim, model.llm.config.dim))
+        model.encode_images = lambda facts_batch: model.projector(facts_batch)  # "images" are now facts tensors
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sides = (("train", scratch / "train_questions.jsonl", args.run / "scenes" / "train" / "images"),
              ("held-out", args.run / "data" / "questions.jsonl", args.run / "scenes" / "heldout" / "images"))
-    print(f"{len(data)} samples ({args.data}); {args.steps} steps x {args.batch}; lr {args.lr}\n")
+    print(f"{len(data)} samples ({args.data}); {args.steps} steps x {args.batch}; lr {args.lr}; vision {args.vision}\n")
     print("| step | seconds | train exact match | held-out exact match | held-out by category |")
     print("|---:|---:|---:|---:|---|")
 
@@ -91,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         cells, detail = [], ""
         for name, question_file, folder in sides:
             questions = [q for q in read_questions(question_file) if q.answer is not None][:args.questions]
+            side = "train" if name == "train" else "heldout"
+            if args.vision == "oracle":
+                loaded.open_image = lambda path, side=side: facts[side][Path(path).name]
+            elif args.vision == "text":
+                questions = [dataclasses.replace(q, image=None, text=f"{scene_text[side][q.image]}\n{q.text}")
+                             for q in questions]
             texts = answer_questions(loaded, questions, folder, batch_size=50, max_new_tokens=8)
             scores = score_answers(questions, {str(q.question_id): t for q, t in zip(questions, texts)})
             cells.append(scores["overall"]["accuracy"])
@@ -107,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in optimizer.param_groups:
             group["lr"] = args.lr * scale
-        batch = collate([data[order[(step * args.batch + j) % len(order)]] for j in range(args.batch)])
+        picked = [order[(step * args.batch + j) % len(order)] for j in range(args.batch)]
+        batch = collate([data[i] for i in picked])
+        if args.vision == "oracle":
+            batch["images"] = torch.stack([facts["train"][data.record(i)["images"][0]] for i in picked])
         loss = model(**{k: batch[k] for k in ("input_ids", "labels", "attention_mask", "images")})["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
