@@ -156,10 +156,10 @@ def short_answer_turns(record: CaptionRecord, vocabulary: Vocabulary, seed: int 
     rng = stable_rng(seed, record.id, "short_answer")
     wanted = rng.randint(low, high)
     want_yes = rng.random() < 0.5
-    turns: list[dict] = []
+    asked: list[dict] = []
     facts: set[tuple[str, str]] = set()
-    for _ in range(6 * wanted if turns != (3, 5) else 4 * wanted):  # (3, 5): the attempts of earlier versions
-        if len(turns) == wanted:
+    for _ in range(6 * wanted):
+        if len(asked) == wanted:
             break
         category = rng.choice(CATEGORIES)
         question = ask(category, record, vocabulary, rng, want_yes)
@@ -167,8 +167,8 @@ def short_answer_turns(record: CaptionRecord, vocabulary: Vocabulary, seed: int 
             want_yes = not want_yes
         if question and question.fact not in facts:
             facts.add(question.fact)
-            turns.append({"question": question.text, "answer": question.answer})
-    return turns
+            asked.append({"question": question.text, "answer": question.answer})
+    return asked
 
 
 def make_question_file(captions_jsonl: str | os.PathLike, out_jsonl: str | os.PathLike, seed: int = 0,
