@@ -12,7 +12,6 @@ the shapes apart here cannot give a LLaVA model built on it the answer to "What 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,21 +32,22 @@ def load_tower(clip_dir: Path, select_layer: int):
 
 def box_features(tower, folder: Path) -> tuple[torch.Tensor, list[list[str]]]:
     """[boxes, width] mean patch token under each box, and each box's label words."""
+    from data_gen.records import read_captions
     from llava.data.images import open_rgb
     from stages.base import box_weights
 
     processor = tower.image_processor()
     grid = tower.visual.grid_size[0]
-    records = [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines() if line.strip()]
+    records, _ = read_captions(folder / "captions.jsonl")
     features, words = [], []
     for start in range(0, len(records), 128):
         chunk = records[start:start + 128]
         with torch.no_grad():
-            tokens = tower(torch.stack([processor(open_rgb(folder / "images" / r["image"])) for r in chunk]))
+            tokens = tower(torch.stack([processor(open_rgb(folder / "images" / r.image)) for r in chunk]))
         for record, image_tokens in zip(chunk, tokens):
-            for box in record.get("boxes", []):
-                features.append(box_weights(tuple(box["bbox"]), grid) @ image_tokens)
-                words.append(box["label"].split())
+            for box in record.boxes:
+                features.append(box_weights(box.bbox, grid) @ image_tokens)
+                words.append(box.label.split())
     if not features:
         raise SystemExit(f"{folder / 'captions.jsonl'} has no boxes to probe")
     return torch.stack(features), words
@@ -74,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", type=Path, required=True, help="held-out scenes folder (same layout)")
     parser.add_argument("--select-layer", type=int, default=-2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     tower = load_tower(args.clip, args.select_layer)
     train_x, train_words = box_features(tower, args.train)

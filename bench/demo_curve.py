@@ -51,6 +51,7 @@ def scene_facts(captions_jsonl: Path, grid: int) -> dict[str, torch.Tensor]:
     """{image file: [grid * grid, features]} exact per-patch facts of each scene (see --vision oracle)."""
     from data_gen.records import read_captions
     from data_gen.world import SCENE_COLOURS, SCENE_SHAPES, SCENE_SIZES, read_objects
+    from stages.base import box_weights
 
     colours, shapes, sizes = list(SCENE_COLOURS), list(SCENE_SHAPES), list(SCENE_SIZES)
     base = len(colours) + len(shapes) + len(sizes)
@@ -65,13 +66,10 @@ def scene_facts(captions_jsonl: Path, grid: int) -> dict[str, torch.Tensor]:
             if None in (obj.colour, obj.shape, obj.size):
                 raise SystemExit(f"{captions_jsonl}: image {record.image}: box label {obj.label!r} is not a scene "
                                  "label '<size> <colour> <shape>'; --vision oracle needs a `scenes` run")
-            rows = [i for i in range(grid) if obj.y1 * grid < i + 1 and obj.y2 * grid > i]
-            cols = [j for j in range(grid) if obj.x1 * grid < j + 1 and obj.x2 * grid > j]
-            for i in rows:
-                for j in cols:
-                    f[i, j, colours.index(obj.colour)] += 1.0
-                    f[i, j, len(colours) + shapes.index(obj.shape)] += 1.0
-                    f[i, j, len(colours) + len(shapes) + sizes.index(obj.size)] += 1.0
+            under = box_weights((obj.x1, obj.y1, obj.x2, obj.y2), grid).view(grid, grid) > 0  # as the base stage
+            for feature in (colours.index(obj.colour), len(colours) + shapes.index(obj.shape),
+                            len(colours) + len(shapes) + sizes.index(obj.size)):
+                f[..., feature] += under.float()
         facts[record.image] = f.flatten(0, 1)
     return facts
 
