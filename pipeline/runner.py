@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from llava.io import atomic_write_json, atomic_write_text
-from pipeline.config import ConfigError, bind, dump_yaml, load_config, to_dict
+from stages.config import ConfigError, bind, dump_yaml, load_config, to_dict
 
 DONE = "DONE.json"
 STARTED = "STARTED.json"

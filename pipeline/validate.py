@@ -43,7 +43,7 @@ from llava.data.images import DEFAULT_MAX_PIXELS
 from llava.data.instruct import InstructDataset
 from llava.data.sampler import ModalityLengthGroupedSampler, padding_waste
 from llava.io import atomic_write_json
-from pipeline.config import ConfigError, bind
+from stages.config import ConfigError, bind
 
 EXIT_CLEAN, EXIT_BAD_ROWS, EXIT_USAGE = 0, 1, 2
 SHOWN_ROWS = 20  # bad rows printed; the JSON report holds all of them
@@ -347,7 +347,7 @@ def _llm_vocab_size(config) -> int:
 def settings_from_config(path: str, overrides: list[str]) -> tuple[ValidateSettings, str]:
     """What the instruct stage of `path` will read: a run config (its `instruct` section, wired to earlier stages by
     the runner, as `llava-pipeline run` would) or the instruct stage's own config. Returns (settings, where)."""
-    from pipeline.config import load_config
+    from stages.config import load_config
     from stages import common, instruct
 
     data = load_config(path, overrides)

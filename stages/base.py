@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.config import ConfigError
+from stages.config import ConfigError
 from stages import common
 from stages.trainer import TrainConfig
 

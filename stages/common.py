@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.config import ConfigError, bind, dump_yaml, load_config
+from stages.config import ConfigError, bind, dump_yaml, load_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's `local-dir:` layout; the base stage writes its CLIP this way

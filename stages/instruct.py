@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, dump_yaml
+from stages.config import ConfigError, dump_yaml
 from stages import common
 from stages.align import PROJECTOR_FILE
 from stages.trainer import TrainConfig

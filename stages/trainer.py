@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from llava.io import atomic_write_text
-from pipeline.config import ConfigError, dump_yaml
+from stages.config import ConfigError, dump_yaml
 from stages import checkpoint as ckpt
 from stages.launch import launched_world_size
 

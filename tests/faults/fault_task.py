@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from llava.model import Llama
-from pipeline.config import apply_override, bind
+from stages.config import apply_override, bind
 from stages.trainer import TrainConfig, Trainer
 
 SEQ_LEN = 16

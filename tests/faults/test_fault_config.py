@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 
 from faults_lib import cases
-from pipeline.config import bind, load_config
+from stages.config import bind, load_config
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def test_overrides_resolve_print_save_and_resume_flags(tmp_path, base_run, scene
 
 
 def test_real_recipe_configs_bind_with_llava_15_hyperparameters(monkeypatch):
-    from pipeline.config import load_config
+    from stages.config import load_config
     from stages import align, instruct
     from stages.trainer import deepspeed_config
 

@@ -98,7 +98,7 @@ def test_lora_saves_only_adapter_and_projector_and_reloads_with_the_same_logits(
 
 
 def test_adalora_hooks_run_inside_training(align_run, scene_data, tmp_path):
-    from pipeline.config import ConfigError
+    from stages.config import ConfigError
     from stages import instruct
 
     adalora = {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1}

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import trainer_task as task
-from pipeline.config import ConfigError
+from stages.config import ConfigError
 from stages import checkpoint as ckpt
 from stages import launch
 from stages.trainer import (NonFiniteLossError, TrainConfig, TrainerError, deepspeed_config, flops_per_token,

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from llava.io import atomic_save_safetensors, atomic_write_json
 from llava.model import Llama
-from pipeline.config import apply_override, bind
+from stages.config import apply_override, bind
 from stages.checkpoint import consolidate_checkpoint
 from stages.trainer import TrainConfig, Trainer
 
