@@ -13,6 +13,7 @@ Where a tower comes from (`build_vision_tower(spec, pretrained)`):
   (`{"image_size": 64, "patch_size": 8, "width": 128, "layers": 4}`);
 - a Hugging Face CLIP directory (config.json + weights, e.g. openai/clip-vit-large-patch14-336, LLaVA's tower),
   converted to the open_clip layout; it gives the same features as transformers' `hidden_states[select_layer]`.
+  A config field open_clip's ViT cannot express (another activation, num_channels != 3) is refused by name.
 
 A built tower records its architecture as an open_clip config dict (`tower.arch`), so a saved model rebuilds it from
 that dict and its saved weights, whatever the source was.
@@ -23,6 +24,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -325,41 +327,76 @@ def read_open_clip_visual_state(file: str) -> dict[str, torch.Tensor]:
 # encoder.layers.N.layer_norm{1,2}.*                                  transformer.resblocks.N.ln_{1,2}.*
 # encoder.layers.N.mlp.fc1.* / fc2.*                                  transformer.resblocks.N.mlp.c_fc.* / c_proj.*
 # post_layernorm.*                                                    ln_post.*
-# visual_projection.weight (CLIPModel only, [proj, width])            proj ([width, proj], transposed)
+# visual_projection.weight ([proj, width]; CLIPModel,                proj ([width, proj], transposed)
+#   CLIPVisionModelWithProjection)
+
+# CLIPVisionConfig's defaults (a CLIPModel's config.json may leave its vision_config empty).
 _HF_CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "projection_dim": 512, "num_hidden_layers": 12,
-                     "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
-                     "layer_norm_eps": 1e-5}
-_HF_ACTIVATIONS = {"quick_gelu": (True, None), "gelu": (False, None),
-                   "gelu_new": (False, {"approximate": "tanh"}), "gelu_pytorch_tanh": (False, {"approximate": "tanh"})}
+                     "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+                     "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+# hidden_act -> (open_clip quick_gelu, nn.GELU kwargs). transformers spells exact GELU two ways and its tanh
+# approximation five ways; each is the same function as open_clip's nn.GELU (approximate="tanh" for the latter).
+_TANH = {"approximate": "tanh"}
+_HF_ACTIVATIONS = {"quick_gelu": (True, None), "gelu": (False, None), "gelu_python": (False, None),
+                   "gelu_pytorch_tanh": (False, _TANH), "gelu_python_tanh": (False, _TANH), "gelu_new": (False, _TANH),
+                   "gelu_fast": (False, _TANH), "gelu_accurate": (False, _TANH)}
 _HF_BLOCK_MAP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
                  "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
+def exact_mlp_ratio(intermediate_size: int, width: int) -> float:
+    """The smallest mlp_ratio with int(width * mlp_ratio) == intermediate_size, the MLP width open_clip builds.
+
+    intermediate_size / width alone can land one unit short after rounding (e.g. 4304 / 1152 for SigLIP so400m).
+    """
+    ratio = intermediate_size / width
+    while int(width * ratio) < intermediate_size:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def hf_clip_arch(path: str | os.PathLike) -> tuple[dict, dict]:
-    """open_clip arch + preprocessing of a HF CLIP directory (config.json, optional preprocessor_config.json)."""
+    """open_clip arch + preprocessing of a HF CLIP directory (config.json, optional preprocessor_config.json).
+
+    Every CLIPVisionConfig field that changes the features is honoured; a value open_clip's ViT cannot express is
+    refused by name. A CLIPModel's projection is sized by its top-level projection_dim, as transformers sizes
+    visual_projection (its vision_config's projection_dim is unused there).
+    """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise VisionTowerError(f"{config_file}: not found (expected a Hugging Face CLIP directory)")
     hf = json.loads(config_file.read_text())
     model_type = hf.get("model_type")
+    where = "vision_config." if model_type == "clip" else ""
     if model_type == "clip":
-        vc = {**_HF_CLIP_DEFAULTS, "projection_dim": hf.get("projection_dim", 512), **hf.get("vision_config", {})}
+        vc = {**_HF_CLIP_DEFAULTS, **(hf.get("vision_config") or {}), "projection_dim": hf.get("projection_dim", 512)}
     elif model_type == "clip_vision_model":
         vc = {**_HF_CLIP_DEFAULTS, **hf}
     else:
         raise VisionTowerError(f"{config_file}: model_type {model_type!r} is not a CLIP model "
                                "(expected 'clip' or 'clip_vision_model')")
+
+    def refuse(field: str, why: str):
+        raise VisionTowerError(f"{config_file}: {where}{field}={vc[field]!r} is not supported: {why}")
+
+    for field in ("image_size", "patch_size"):
+        if not isinstance(vc[field], int) or isinstance(vc[field], bool) or vc[field] < 1:
+            refuse(field, "it must be one positive integer (square images and patches, as CLIPVisionModel uses)")
+    if vc["num_channels"] != 3:
+        refuse("num_channels", "the tower takes RGB images (3 channels)")
+    if vc["hidden_size"] % vc["num_attention_heads"]:
+        refuse("num_attention_heads", f"it does not divide hidden_size={vc['hidden_size']}")
     if vc["hidden_act"] not in _HF_ACTIVATIONS:
-        raise VisionTowerError(f"{config_file}: hidden_act {vc['hidden_act']!r} is not supported "
-                               f"(supported: {', '.join(_HF_ACTIVATIONS)})")
+        refuse("hidden_act", f"supported: {', '.join(_HF_ACTIVATIONS)}")
     quick_gelu, act_kwargs = _HF_ACTIVATIONS[vc["hidden_act"]]
     width, heads = vc["hidden_size"], vc["num_attention_heads"]
     vision_cfg = {"image_size": vc["image_size"], "patch_size": vc["patch_size"], "width": width,
                   "layers": vc["num_hidden_layers"], "head_width": width // heads,
-                  "mlp_ratio": vc["intermediate_size"] / width, "norm_kwargs": {"eps": vc["layer_norm_eps"]}}
+                  "mlp_ratio": exact_mlp_ratio(vc["intermediate_size"], width),
+                  "norm_kwargs": {"eps": vc["layer_norm_eps"]}}
     if act_kwargs:
-        vision_cfg["act_kwargs"] = act_kwargs
+        vision_cfg["act_kwargs"] = dict(act_kwargs)
     arch = {"embed_dim": vc["projection_dim"], "vision_cfg": vision_cfg, "quick_gelu": quick_gelu}
     preprocess = {"size": vc["image_size"], "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
                   "interpolation": "bicubic"}
