@@ -9,10 +9,11 @@ A stage builds the model, the dataset and its collate function, then hands them 
     weights = trainer.state_dict(lambda n: n.startswith("projector."))  # every rank calls; full tensors on rank 0
 
 Contract with the model: `model(**batch)` returns a dict with `loss` (a scalar, the mean over this micro-batch) and
-optionally `logits` (`[batch, seq, ...]`, whose first two sizes count the tokens processed). A batch key `ids` (a list
-of sample ids) is kept out of the model call and named in errors; a key `num_skipped` (bad samples the dataset left
-out or replaced on the way to this batch, with on_error=skip) is kept out too and summed over ranks into the
-`skipped_samples` of every metrics record, so skips in DataLoader workers are not lost.
+optionally `logits` (`[batch, seq, ...]`, whose first two sizes count the tokens processed) and `metrics` (a dict of
+scalar tensors, e.g. DPO's reward margin: averaged over the step's micro-batches and ranks and logged with the loss).
+A batch key `ids` (a list of sample ids) is kept out of the model call and named in errors; a key `num_skipped` (bad
+samples the dataset left out or replaced on the way to this batch, with on_error=skip) is kept out too and summed
+over ranks into the `skipped_samples` of every metrics record, so skips in DataLoader workers are not lost.
 
 Read top to bottom: config → process group → DeepSpeed config → optimizer / schedule → `fit` (resume, epochs,
 micro-batches, step, log, eval, save). Checkpoint files and ZeRO gathering live in `stages/checkpoint.py`.
@@ -394,6 +395,7 @@ class _StepAccumulator:
     losses: list = field(default_factory=list)  # model loss per micro-batch
     totals: list = field(default_factory=list)  # loss + extra_loss: what was backpropagated
     extras: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)  # the model's own `metrics` dict per micro-batch
     who: list = field(default_factory=list)  # sample ids per micro-batch, for error messages
     tokens: int = 0
     samples: int = 0
@@ -613,6 +615,8 @@ class Trainer:
         acc.totals.append(total.detach().float())
         if extra is not None:
             acc.extras.append(extra.detach().float())
+        if out.get("metrics"):
+            acc.metrics.append({k: float(v) for k, v in out["metrics"].items()})
         logits = out.get("logits")
         if isinstance(logits, torch.Tensor) and logits.ndim >= 2:
             acc.tokens += logits.shape[0] * logits.shape[1]
@@ -670,6 +674,10 @@ class Trainer:
             numbers["projector_lr"] = lrs[self.group_names.index("projector")]
         if acc.extras:
             numbers["extra_loss"] = float(torch.stack(acc.extras).mean())
+        if acc.metrics:
+            names = sorted(acc.metrics[0])
+            sums = self._all_reduce([sum(m[k] for m in acc.metrics) for k in names])
+            numbers.update({k: v / (len(acc.metrics) * self.dist.world_size) for k, v in zip(names, sums)})
         return numbers
 
     def _raise_non_finite(self, totals: torch.Tensor, who: list[dict], epoch: int) -> None:
