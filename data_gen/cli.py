@@ -53,7 +53,8 @@ def scenes_main(argv: list[str]) -> int:
 def coco_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llava-pipeline coco", description=(
         "Import COCO captions + instances into the captions JSONL format (boxes normalised to 0-1, category names "
-        "as labels, crowd regions dropped). Image paths stay relative to the COCO image folder, e.g. train2017/."))
+        "as labels, crowd regions kept as boxes marked \"crowd\": true). Image paths stay relative to the COCO image "
+        "folder, e.g. train2017/."))
     parser.add_argument("--captions", required=True, help="COCO captions_*.json")
     parser.add_argument("--instances", required=True, help="COCO instances_*.json")
     parser.add_argument("--out", required=True, help="captions JSONL to write")
@@ -62,8 +63,8 @@ def coco_main(argv: list[str]) -> int:
         stats = import_coco(args.captions, args.instances, args.out)
     except InputError as e:
         return _fail(parser.prog, e)
-    print(f"wrote {stats['images']} images with {stats['boxes']} boxes to {args.out} "
-          f"(dropped {stats['crowd_dropped']} crowd and {stats['degenerate_dropped']} empty boxes; "
+    print(f"wrote {stats['images']} images with {stats['boxes']} boxes ({stats['crowd_regions']} crowd regions) to "
+          f"{args.out} (dropped {stats['degenerate_dropped']} empty boxes; "
           f"{stats['images_without_captions']} images had no caption)")
     return 0
 

@@ -2,7 +2,9 @@
 
 COCO boxes are [x, y, width, height] in pixels; ours are [x1, y1, x2, y2] normalised to 0–1, so each box is divided by
 its image's width and height (clipped to the image: a few COCO boxes overhang by a pixel). Category names become labels.
-Crowd regions (`iscrowd: 1`) are dropped: one box around a crowd is not one object, and counting questions would lie.
+Crowd regions (`iscrowd: 1`) are kept as boxes with `"crowd": true`: such a region holds many objects of its category
+("Fans fill the stands"), so it is evidence that the category is there and that there are many of it. Dropping it
+made the generators deny people the captions talk about; counting it as one object would under-count them.
 """
 from __future__ import annotations
 
@@ -59,13 +61,13 @@ def coco_records(captions: dict, instances: dict, captions_name: str = "captions
         category = _require(category, ("id", "name"), f"{instances_name}: categories[{i}]")
         names[category["id"]] = category["name"]
     boxes: dict[int, list[Box]] = {}
-    stats = {"images": 0, "boxes": 0, "crowd_dropped": 0, "degenerate_dropped": 0, "images_without_captions": 0}
+    stats = {"images": 0, "boxes": 0, "crowd_regions": 0, "degenerate_dropped": 0, "images_without_captions": 0}
     for i, ann in enumerate(instances["annotations"]):
         where = f"{instances_name}: annotations[{i}]"
         ann = _require(ann, ("image_id", "bbox", "category_id"), where)
-        if ann.get("iscrowd", 0):
-            stats["crowd_dropped"] += 1
-            continue
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1, False, True):
+            raise InputError(f"{where}: key 'iscrowd' must be 0 or 1, got {crowd!r}")
         if ann["image_id"] not in images:
             raise InputError(f"{where}: image_id {ann['image_id']} is not in 'images'")
         if ann["category_id"] not in names:
@@ -82,7 +84,7 @@ def coco_records(captions: dict, instances: dict, captions_name: str = "captions
         if not (x1 < x2 and y1 < y2):
             stats["degenerate_dropped"] += 1
             continue
-        boxes.setdefault(ann["image_id"], []).append(Box(names[ann["category_id"]], (x1, y1, x2, y2)))
+        boxes.setdefault(ann["image_id"], []).append(Box(names[ann["category_id"]], (x1, y1, x2, y2), bool(crowd)))
 
     records = []
     for image in captions["images"]:
@@ -92,13 +94,15 @@ def coco_records(captions: dict, instances: dict, captions_name: str = "captions
         image_boxes = tuple(boxes.get(image["id"], ()))
         records.append(CaptionRecord(str(image["id"]), image["file_name"], tuple(texts[image["id"]]), image_boxes))
         stats["boxes"] += len(image_boxes)
+        stats["crowd_regions"] += sum(b.crowd for b in image_boxes)
     stats["images"] = len(records)
     return records, stats
 
 
 def import_coco(captions_json: str | os.PathLike, instances_json: str | os.PathLike,
                 out_jsonl: str | os.PathLike) -> dict:
-    """Write the captions JSONL for COCO; returns counts (images, boxes, crowd / degenerate boxes dropped)."""
+    """Write the captions JSONL for COCO; returns counts (images, boxes of which crowd regions, degenerate boxes
+    dropped, images without captions)."""
     records, stats = coco_records(_load(captions_json), _load(instances_json), str(captions_json),
                                   str(instances_json))
     write_captions(out_jsonl, records)

@@ -5,6 +5,11 @@ in data_gen.world, and questions that could have two right answers are never ask
 can only learn to answer visual questions if the answers never contradict each other, so the phrasing varies while the
 facts and the words for them (position phrases, counts) stay fixed. Scene labels ("large red circle") give colours,
 shapes and sizes; plain labels ("dog") still give counts, positions and relations.
+
+Nothing generated may contradict the image's own captions or boxes: a crowd region (COCO's iscrowd) makes its noun
+present and "many", never a number; a noun the captions give another number for is not counted; "Is there a ...? No"
+is only asked about things with no box, no crowd and no mention in the captions; and a position is only stated for an
+object that has one under the single rule in data_gen.world.position_word.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ class Context:
     record: CaptionRecord
     objects: list[SceneObject]
     absent: list[str]
+    uncounted: dict[str, str]  # noun -> amount word ("many", "some") for nouns whose number must not be stated
 
     @property
     def all_scene(self) -> bool:
@@ -51,7 +57,8 @@ class OfflineBackend:
 
     def generate(self, record: CaptionRecord, response_type: str) -> list[dict]:
         objects = world.read_objects(record.boxes)
-        ctx = Context(record, objects, world.absent_kinds(objects, self.vocabulary))
+        ctx = Context(record, objects, world.absent_kinds(objects, self.vocabulary, record.captions),
+                      world.uncounted_nouns(objects, record.captions))
         rng = stable_rng(self.seed, record.id, response_type)
         if response_type == "conversation":
             turns = conversation(ctx, rng)
@@ -114,7 +121,7 @@ def conversation(ctx: Context, rng: random.Random) -> list[Turn]:
 
 
 def _ask_count_all(ctx: Context, rng: random.Random) -> Turn | None:
-    if not ctx.objects:
+    if not ctx.objects or ctx.uncounted:
         return None
     n, thing = len(ctx.objects), ctx.thing
     question = rng.choice([f"How many {thing}s are in the image?", f"How many {thing}s can you see?",
@@ -125,7 +132,8 @@ def _ask_count_all(ctx: Context, rng: random.Random) -> Turn | None:
 
 
 def _ask_count_kind(ctx: Context, rng: random.Random) -> Turn | None:
-    kinds = _kinds(ctx)
+    """A crowd's noun is answered "many"; a noun whose captions give another number is not asked about."""
+    kinds = [k for k in _kinds(ctx) if ctx.uncounted.get(k.phrase, "many") == "many"]
     if not kinds:
         return None
     kind = rng.choice(kinds)
@@ -134,6 +142,8 @@ def _ask_count_kind(ctx: Context, rng: random.Random) -> Turn | None:
     n = len(matching)
     question = rng.choice([f"How many {plural(phrase)} are there?", f"How many {plural(phrase)} can you see?",
                            f"How many {plural(phrase)} are in the picture?"])
+    if phrase in ctx.uncounted:
+        return question, f"There are many {plural(phrase)} in the image, too many to count one by one."
     if n == 0:
         return question, f"There are no {plural(phrase)} in the image."
     answer = f"There is one {phrase}" if n == 1 else f"There are {count_phrase(n, phrase)}"
@@ -173,7 +183,7 @@ def _ask_size(ctx: Context, rng: random.Random) -> Turn | None:
 
 
 def _ask_where(ctx: Context, rng: random.Random) -> Turn | None:
-    options = [(o, ref) for o, ref in _refs(ctx, use_position=False) if world.clear_column(o) and world.clear_row(o)]
+    options = [(o, ref) for o, ref in _refs(ctx, use_position=False) if o.location]
     if not options:
         return None
     obj, ref = rng.choice(options)
@@ -250,7 +260,9 @@ def _ask_exists(ctx: Context, rng: random.Random) -> Turn | None:
                            f"Does the picture contain {with_article(phrase)}?"])
     if not matching:
         return question, f"No, there is no {phrase} in the image."
-    if len(matching) == 1 and world.clear_column(matching[0]) and world.clear_row(matching[0]):
+    if matching[0].noun in ctx.uncounted:
+        return question, f"Yes, there are {ctx.uncounted[matching[0].noun]} {plural(phrase)} in the image."
+    if len(matching) == 1 and matching[0].location:
         return question, f"Yes, there is {with_article(phrase)} {matching[0].location} of the image."
     return question, f"Yes, there {_is_are(len(matching))} {count_phrase(len(matching), phrase)} in the image."
 
@@ -315,7 +327,7 @@ def detailed_description(ctx: Context) -> str:
     else:
         sentences.append(_sentence(ctx.record.captions[0]))
         if objects:
-            sentences.append(f"In the picture I can see {world.inventory(objects)}.")
+            sentences.append(f"In the picture I can see {world.inventory(objects, ctx.uncounted)}.")
             sentences += _group_locations(ctx)
     sentences += _relation_sentences(ctx)
     sentences += _size_sentences(ctx)
@@ -325,6 +337,8 @@ def detailed_description(ctx: Context) -> str:
 def _object_locations(ctx: Context) -> list[str]:
     sentences = []
     for obj in sorted(ctx.objects, key=lambda o: (o.x1, o.y1)):
+        if not obj.location:
+            continue
         ref = world.refer(obj, ctx.objects, use_position=False)
         if ref:
             sentences.append(f"The {ref} is {obj.location} of the image.")
@@ -334,14 +348,15 @@ def _object_locations(ctx: Context) -> list[str]:
 
 
 def _group_locations(ctx: Context) -> list[str]:
-    """Where each kind of object is, largest kinds first; crowds of more than four are not placed one by one."""
+    """Where each kind of object is, largest kinds first. Kinds of more than four, uncounted kinds and kinds with a
+    member without a position are not placed: "the two dogs are on the left" must not skip the third one."""
     groups: dict[str, list[SceneObject]] = {}
     for obj in ctx.objects:
         groups.setdefault(obj.noun, []).append(obj)
     ordered = sorted(groups.items(), key=lambda kv: -sum(o.area for o in kv[1]))
     sentences = []
     for noun, members in ordered[:4]:
-        if len(members) > 4:
+        if len(members) > 4 or noun in ctx.uncounted or not all(o.location for o in members):
             continue
         places = list(dict.fromkeys(o.location for o in sorted(members, key=lambda o: (o.x1, o.y1))))
         if len(members) == 1:
@@ -414,7 +429,7 @@ def _objects_sentence(ctx: Context) -> str:
 
 def _reason_remove(ctx: Context, rng: random.Random) -> Turn | None:
     present = [k for k in _kinds(ctx) if any(map(k.member, ctx.objects))]
-    if not present:
+    if not present or ctx.uncounted:
         return None
     kind = rng.choice(present)
     phrase, thing = kind.phrase, ctx.thing
@@ -438,7 +453,7 @@ def _reason_remove(ctx: Context, rng: random.Random) -> Turn | None:
 
 
 def _reason_add(ctx: Context, rng: random.Random) -> Turn | None:
-    present = sorted({o.noun for o in ctx.objects})
+    present = sorted({o.noun for o in ctx.objects} - set(ctx.uncounted))
     if not present:
         return None
     noun = rng.choice(present)
@@ -451,7 +466,7 @@ def _reason_add(ctx: Context, rng: random.Random) -> Turn | None:
 
 def _reason_order(ctx: Context, rng: random.Random) -> Turn | None:
     """Reading order along one axis, only when each object lies entirely past the previous one."""
-    if not 2 <= len(ctx.objects) <= len(ORDINALS):
+    if not 2 <= len(ctx.objects) <= len(ORDINALS) or ctx.uncounted:
         return None
     horizontal = rng.random() < 0.6
     key = (lambda o: o.x1) if horizontal else (lambda o: o.y1)
@@ -473,7 +488,8 @@ def _reason_order(ctx: Context, rng: random.Random) -> Turn | None:
 
 
 def _reason_compare_counts(ctx: Context, rng: random.Random) -> Turn | None:
-    kinds = [k for k in _kinds(ctx) if ctx.all_scene or any(map(k.member, ctx.objects))]
+    kinds = [k for k in _kinds(ctx) if (ctx.all_scene or any(map(k.member, ctx.objects)))
+             and k.phrase not in ctx.uncounted]
     pairs = [(a, b) for a, b in itertools.permutations(kinds, 2)
              if a.group == b.group and any(a.member(o) or b.member(o) for o in ctx.objects)]
     if not pairs:
@@ -515,7 +531,8 @@ def _reason_nearest(ctx: Context, rng: random.Random) -> Turn | None:
     if len(ctx.objects) < 3:
         return None
     refs = _refs(ctx, use_position=False)
-    if len(refs) != len(ctx.objects) or len({r for _, r in refs}) != len(refs):
+    if (len(refs) != len(ctx.objects) or len({r for _, r in refs}) != len(refs)
+            or not all(o.location for o in ctx.objects)):
         return None
     target, target_ref = rng.choice(refs)
     others = sorted(((math.dist((o.cx, o.cy), (target.cx, target.cy)), o, r) for o, r in refs if o is not target),

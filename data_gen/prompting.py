@@ -66,10 +66,12 @@ def pick_detail_question(seed: int, image_id: str) -> str:
 
 def format_context(captions: list[str] | tuple[str, ...], boxes: list[Box] | tuple[Box, ...],
                    detail_question: str | None = None) -> str:
-    """The symbolic view of an image: captions, then `label: [x1, y1, x2, y2]` with 2-decimal coordinates."""
+    """The symbolic view of an image: captions, then `label: [x1, y1, x2, y2]` with 2-decimal coordinates; a crowd
+    region reads `person (a crowd of many): [...]`, so the model does not count it as one person."""
     lines = ["Captions:"] + [f"- {c}" for c in captions]
     lines += ["", "Objects (label: [x1, y1, x2, y2]):"]
-    lines += [f"{b.label}: [{', '.join(f'{v:.2f}' for v in b.bbox)}]" for b in boxes] or ["(none listed)"]
+    lines += [f"{b.label}{' (a crowd of many)' if b.crowd else ''}: [{', '.join(f'{v:.2f}' for v in b.bbox)}]"
+              for b in boxes] or ["(none listed)"]
     if detail_question is not None:
         lines += ["", f"Request: {detail_question}"]
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """The captions JSONL format that every source writes and every generator reads.
 
 One line per image: `{"id", "image", "captions": [..], "boxes": [{"label", "bbox": [x1, y1, x2, y2]}]}` with the bbox
-normalised to 0–1 and x1 < x2, y1 < y2; `image` is a path relative to an image folder. These files are produced by
-other tools and edited by hand, so every error names file:line and the key, and says what a valid value looks like.
+normalised to 0–1 and x1 < x2, y1 < y2; `image` is a path relative to an image folder. A box may carry `"crowd": true`:
+it then marks a region holding many objects of its label (COCO's `iscrowd`), not one object. These files are produced
+by other tools and edited by hand, so every error names file:line and the key, and says what a valid value looks like.
 """
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ class InputError(ValueError):
 class Box:
     label: str
     bbox: tuple[float, float, float, float]
+    crowd: bool = False  # a region of many `label`s: evidence of presence and of "many", never a count of one
+
+    def to_json(self) -> dict:
+        """`crowd` is written only when set, so files without crowds keep their old bytes."""
+        box = {"label": self.label, "bbox": [round(v, 4) for v in self.bbox]}
+        return {**box, "crowd": True} if self.crowd else box
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class CaptionRecord:
             "id": self.id,
             "image": self.image,
             "captions": list(self.captions),
-            "boxes": [{"label": b.label, "bbox": [round(v, 4) for v in b.bbox]} for b in self.boxes],
+            "boxes": [b.to_json() for b in self.boxes],
         }
 
 
@@ -65,7 +72,7 @@ def parse_record(obj: object, where: str) -> CaptionRecord:
 
 
 def parse_box(box: object, where: str) -> Box:
-    """One {"label", "bbox"} object, checked; errors name `where`, the key and the fix."""
+    """One {"label", "bbox"[, "crowd"]} object, checked; errors name `where`, the key and the fix."""
     if not isinstance(box, dict) or "label" not in box or "bbox" not in box:
         raise InputError(f"{where}: a box must be an object with keys 'label' and 'bbox'")
     label = box["label"]
@@ -82,7 +89,11 @@ def parse_box(box: object, where: str) -> Box:
     if not (x1 < x2 and y1 < y2):
         raise InputError(f"{where}: key 'bbox' {bbox} is in the wrong order: it must be [x1, y1, x2, y2] "
                          "with x1 < x2 and y1 < y2 (top-left corner, then bottom-right corner)")
-    return Box(" ".join(label.split()), (x1, y1, x2, y2))
+    crowd = box.get("crowd", False)
+    if not isinstance(crowd, bool):
+        raise InputError(f"{where}: key 'crowd' must be true or false (true: a region of many {label!r}s), "
+                         f"got {crowd!r}")
+    return Box(" ".join(label.split()), (x1, y1, x2, y2), crowd)
 
 
 def read_captions(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list[CaptionRecord], int]:

@@ -23,8 +23,6 @@ from data_gen.world import SCENE_COLOURS, SCENE_SHAPES, SCENE_SIZES, SceneObject
 from llava.io import atomic_path
 
 MIN_CANVAS = 32
-# Object centres stay this far (normalised) from the lines between thirds, so every position word is unambiguous.
-THIRDS_MARGIN = 0.04
 SHARD_PATTERN = "pairs-%05d.tar"
 
 
@@ -52,7 +50,8 @@ class Scene:
 
 
 def sample_scene(rng: random.Random, canvas: int) -> Scene:
-    """1–3 shapes whose boxes keep a gap of at least `gap` pixels and whose centres avoid the thirds lines."""
+    """1–3 shapes whose boxes keep a gap of at least `gap` pixels and that all have a position word (their centres
+    avoid the lines between thirds; see world.position_word), so every caption and answer can place every shape."""
     gap = max(1, canvas // 32)
     background = rng.randint(190, 250)
     count = rng.randint(1, 3)
@@ -75,8 +74,8 @@ def _place_one(rng: random.Random, canvas: int, gap: int, placed: list[PlacedSha
     side = rng.randint(math.ceil(lo * canvas), math.floor(hi * canvas))
     for _ in range(100):
         x0, y0 = rng.randint(0, canvas - side), rng.randint(0, canvas - side)
-        centre = ((x0 + side / 2) / canvas, (y0 + side / 2) / canvas)
-        if any(abs(c - line) < THIRDS_MARGIN for c in centre for line in (1 / 3, 2 / 3)):
+        cx, cy, extent = (x0 + side / 2) / canvas, (y0 + side / 2) / canvas, side / canvas
+        if None in (world.position_word(cx, extent, world.COLUMNS), world.position_word(cy, extent, world.ROWS)):
             continue
         if all(_apart(x0, y0, side, other, gap) for other in placed):
             return PlacedShape(size, colour, shape, x0, y0, side)

@@ -4,7 +4,9 @@ Five categories, each answered from the boxes: `color` ("What color is the circl
 ("What shape is the red object?" -> "circle"), `count` ("How many circles are there?" -> "2", digits),
 `exist` ("Is there a blue square?" -> "Yes" / "No", balanced), `position` ("Is the triangle on the left, center or
 right?" -> "left"). A question that could have two right answers (the colour of "the circle" when there are two) is
-never asked. Every question ends with LLaVA's short-answer instruction.
+never asked: no count for a noun with a crowd region or a number in the captions that differs from the boxes, no "No"
+for a thing the captions name, no position for an object without one under data_gen.world.position_word (the rule
+every response type shares). Every question ends with LLaVA's short-answer instruction.
 
 Two uses: `short_answer_turns` gives several Q/A turns per image as training data (same schema as the other response
 types), and `make_question_file` writes an eval question file in LLaVA's format with reference answers, plus a few
@@ -17,7 +19,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 from data_gen import world
 from data_gen.prompting import stable_rng
@@ -47,8 +49,17 @@ class ShortQuestion:
         return self.question + SHORT_ANSWER_SUFFIX
 
 
-def _ask_color(objects: Sequence[SceneObject], absent: list[str], rng: random.Random,
-               want_yes: bool) -> ShortQuestion | None:
+@dataclass(frozen=True)
+class Facts:
+    """What a question may be asked about: the objects, the things certainly absent, and the nouns not to count."""
+
+    objects: list[SceneObject]
+    absent: list[str]
+    uncounted: dict[str, str]
+
+
+def _ask_color(facts: Facts, rng: random.Random, want_yes: bool) -> ShortQuestion | None:
+    objects = facts.objects
     options = [(o, r) for o in objects if o.colour and (r := world.refer(o, objects, use_colour=False))]
     if not options:
         return None
@@ -58,8 +69,8 @@ def _ask_color(objects: Sequence[SceneObject], absent: list[str], rng: random.Ra
     return ShortQuestion("color", template.format(ref), obj.colour, ref)
 
 
-def _ask_shape(objects: Sequence[SceneObject], absent: list[str], rng: random.Random,
-               want_yes: bool) -> ShortQuestion | None:
+def _ask_shape(facts: Facts, rng: random.Random, want_yes: bool) -> ShortQuestion | None:
+    objects = facts.objects
     options = [(o, r) for o in objects if o.shape and (r := world.refer(o, objects, use_shape=False))]
     if not options:
         return None
@@ -69,20 +80,23 @@ def _ask_shape(objects: Sequence[SceneObject], absent: list[str], rng: random.Ra
     return ShortQuestion("shape", template.format(ref), obj.shape, ref)
 
 
-def _ask_count(objects: Sequence[SceneObject], absent: list[str], rng: random.Random,
-               want_yes: bool) -> ShortQuestion | None:
-    """All objects, one noun or (scenes) one colour. Zero counts only for shapes of the closed scene world."""
+def _ask_count(facts: Facts, rng: random.Random, want_yes: bool) -> ShortQuestion | None:
+    """All objects, one noun or (scenes) one colour. Zero counts only for shapes of the closed scene world. Nouns in
+    `uncounted` have no number to answer with, and then neither has the whole."""
+    objects = facts.objects
     if not objects:
         return None
     all_scene = all(o.is_scene_shape for o in objects)
-    options: list[tuple[str, Callable[[SceneObject], bool]]] = [("object", lambda o: True)]
+    options: list[tuple[str, Callable[[SceneObject], bool]]] = [] if facts.uncounted else [("object", lambda o: True)]
     if all_scene:
         options.append(("shape", lambda o: True))
         options += [(s, lambda o, s=s: o.shape == s) for s in world.SCENE_SHAPES]
         colours = sorted({o.colour for o in objects if o.colour})
         options += [(f"{c} object", lambda o, c=c: o.colour == c) for c in colours]
     else:
-        options += [(n, lambda o, n=n: o.noun == n) for n in sorted({o.noun for o in objects})]
+        options += [(n, lambda o, n=n: o.noun == n) for n in sorted({o.noun for o in objects} - set(facts.uncounted))]
+    if not options:
+        return None
     phrase, member = rng.choice(options)
     template = rng.choice(["How many {} are there?", "How many {} are in the image?", "How many {} can you see?",
                            "What is the number of {} in the picture?"])
@@ -90,9 +104,9 @@ def _ask_count(objects: Sequence[SceneObject], absent: list[str], rng: random.Ra
     return ShortQuestion("count", template.format(plural(phrase)), str(sum(map(member, objects))), subject)
 
 
-def _ask_exist(objects: Sequence[SceneObject], absent: list[str], rng: random.Random,
-               want_yes: bool) -> ShortQuestion | None:
+def _ask_exist(facts: Facts, rng: random.Random, want_yes: bool) -> ShortQuestion | None:
     """`want_yes` decides the answer, so a caller alternating it gets exactly balanced Yes/No questions."""
+    objects, absent = facts.objects, facts.absent
     if want_yes:
         present = sorted({f"{o.colour} {o.shape}" if o.is_scene_shape and o.colour else o.noun for o in objects})
         if not present:
@@ -107,11 +121,11 @@ def _ask_exist(objects: Sequence[SceneObject], absent: list[str], rng: random.Ra
     return ShortQuestion("exist", template.format(with_article(phrase)), answer, phrase)
 
 
-def _ask_position(objects: Sequence[SceneObject], absent: list[str], rng: random.Random,
-                  want_yes: bool) -> ShortQuestion | None:
+def _ask_position(facts: Facts, rng: random.Random, want_yes: bool) -> ShortQuestion | None:
+    objects = facts.objects
     horizontal = rng.random() < 0.6
-    clear = world.clear_column if horizontal else world.clear_row
-    options = [(o, r) for o in objects if clear(o) and (r := world.refer(o, objects, use_position=False))]
+    options = [(o, r) for o in objects if (o.column if horizontal else o.row)
+               and (r := world.refer(o, objects, use_position=False))]
     if not options:
         return None
     obj, ref = rng.choice(options)
@@ -136,7 +150,9 @@ def ask(category: str, record: CaptionRecord, vocabulary: Vocabulary, rng: rando
         want_yes: bool = True) -> ShortQuestion | None:
     """One question of `category` about the record, or None when the category has no safe question for it."""
     objects = world.read_objects(record.boxes)
-    return ASKERS[category](objects, world.absent_kinds(objects, vocabulary), rng, want_yes)
+    facts = Facts(objects, world.absent_kinds(objects, vocabulary, record.captions),
+                  world.uncounted_nouns(objects, record.captions))
+    return ASKERS[category](facts, rng, want_yes)
 
 
 def check_turns(turns) -> tuple[int, int]:

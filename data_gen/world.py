@@ -6,6 +6,7 @@ can never disagree about what "left", "larger" or "the red circle" means.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -26,9 +27,12 @@ SCENE_SIZES: dict[str, tuple[float, float]] = {"small": (0.15, 0.22), "large": (
 
 COLUMNS = ("left", "center", "right")
 ROWS = ("top", "middle", "bottom")
-# Position questions are only asked about objects whose centre is at least this far from the lines between thirds
-# (the scene renderer keeps all centres this far away, so for scenes every object qualifies).
+# The one position rule (position_word) for every response type: a box has a position word along an axis only when its
+# centre is at least CLEAR_MARGIN from the lines between thirds and it spans at most MAX_PLACED_EXTENT of the image.
+# Otherwise a viewer could name either side, and no question, answer or description may name its position. The scene
+# renderer keeps every centre this far away, so every scene object has a position.
 CLEAR_MARGIN = 0.04
+MAX_PLACED_EXTENT = 0.5
 # "Is A larger than B?" is only asked when the areas differ at least this much: a smaller gap is not visible for sure.
 LARGER_RATIO = 1.5
 
@@ -52,6 +56,7 @@ class SceneObject:
     size: str | None
     colour: str | None
     shape: str | None
+    crowd: bool = False  # a region of many `label`s (COCO's iscrowd): present, "many", never one object
 
     @property
     def noun(self) -> str:
@@ -74,21 +79,24 @@ class SceneObject:
         return (self.x2 - self.x1) * (self.y2 - self.y1)
 
     @property
-    def column(self) -> str:
-        return third_word(self.cx, COLUMNS)
+    def column(self) -> str | None:
+        """ "left" / "center" / "right", or None when ambiguous (position_word) or a crowd, which has no one place."""
+        return None if self.crowd else position_word(self.cx, self.x2 - self.x1, COLUMNS)
 
     @property
-    def row(self) -> str:
-        return third_word(self.cy, ROWS)
+    def row(self) -> str | None:
+        return None if self.crowd else position_word(self.cy, self.y2 - self.y1, ROWS)
 
     @property
-    def location(self) -> str:
-        return location_phrase(self.row, self.column)
+    def location(self) -> str | None:
+        """ "in the top left corner" etc., or None unless both the row and the column are unambiguous."""
+        row, column = self.row, self.column
+        return location_phrase(row, column) if row and column else None
 
 
 def read_object(box: Box) -> SceneObject:
     size, colour, shape = parse_scene_label(box.label)
-    return SceneObject(box.label, *box.bbox, size=size, colour=colour, shape=shape)
+    return SceneObject(box.label, *box.bbox, size=size, colour=colour, shape=shape, crowd=box.crowd)
 
 
 def read_objects(boxes: Iterable[Box]) -> list[SceneObject]:
@@ -114,9 +122,13 @@ def parse_scene_label(label: str) -> tuple[str | None, str | None, str | None]:
     return size, colour, words[-1]
 
 
-def third_word(value: float, words: Sequence[str]) -> str:
-    """Position word from a normalised coordinate in thirds of the image."""
-    return words[0] if value < 1 / 3 else words[1] if value < 2 / 3 else words[2]
+def position_word(centre: float, extent: float, words: Sequence[str]) -> str | None:
+    """The word (from `words`, one per third) for where a box lies along one axis, given its centre and its extent
+    (normalised), or None when that is ambiguous: the box spans more than MAX_PLACED_EXTENT, or its centre lies within
+    CLEAR_MARGIN of a line between thirds. Every position word any generator writes comes from here."""
+    if extent > MAX_PLACED_EXTENT or any(abs(centre - line) < CLEAR_MARGIN for line in (1 / 3, 2 / 3)):
+        return None
+    return words[0] if centre < 1 / 3 else words[1] if centre < 2 / 3 else words[2]
 
 
 def location_phrase(row: str, column: str) -> str:
@@ -128,15 +140,6 @@ def location_phrase(row: str, column: str) -> str:
     if column == "center":
         return f"at the {row} center"
     return f"in the {row} {column} corner"
-
-
-def clear_column(obj: SceneObject) -> bool:
-    """The object sits clearly in one horizontal third: narrow enough and not centred on a dividing line."""
-    return obj.x2 - obj.x1 <= 0.5 and all(abs(obj.cx - line) >= CLEAR_MARGIN for line in (1 / 3, 2 / 3))
-
-
-def clear_row(obj: SceneObject) -> bool:
-    return obj.y2 - obj.y1 <= 0.5 and all(abs(obj.cy - line) >= CLEAR_MARGIN for line in (1 / 3, 2 / 3))
 
 
 def left_of(a: SceneObject, b: SceneObject) -> bool:
@@ -157,9 +160,11 @@ def clearly_larger(a: SceneObject, b: SceneObject) -> bool:
 
 def _matches(obj: SceneObject, colour: str | None, size: str | None, noun: str | None, column: str | None,
              row: str | None) -> bool:
+    """Whether a description could mean `obj`. An object without a position word (ambiguous, or a crowd) could be
+    in any third, so "the dog on the left" is never taken to be unique while a dog sits on the line."""
     return ((colour is None or obj.colour == colour) and (size is None or obj.size == size)
-            and (noun is None or obj.noun == noun) and (column is None or obj.column == column)
-            and (row is None or obj.row == row))
+            and (noun is None or obj.noun == noun) and (column is None or obj.column in (column, None))
+            and (row is None or obj.row in (row, None)))
 
 
 def _position_suffix(column: str | None, row: str | None) -> str:
@@ -176,17 +181,19 @@ def refer(target: SceneObject, objects: Sequence[SceneObject], *, use_colour: bo
 
     The attribute a question asks about must not appear in its own description ("What color is the red circle?"),
     hence the switches. Without the shape the noun becomes "object" ("the red object"). Positions are only used when
-    the object's centre is clearly inside its third.
+    the object has a position word. A crowd region is many objects, so it is never "the" one.
     """
+    if target.crowd:
+        return None
     noun = target.noun if (use_shape or not target.is_scene_shape) else None
     colours = [None, target.colour] if use_colour and target.colour else [None]
     sizes = [None, target.size] if use_size and target.size else [None]
     candidates: list[tuple[str | None, str | None, str | None, str | None]] = []
     for size, colour in ((s, c) for s in sizes for c in colours):
         candidates.append((colour, size, None, None))
-    if use_position and clear_column(target):
+    if use_position and target.column:
         candidates.append((None, None, target.column, None))
-    if use_position and clear_row(target):
+    if use_position and target.row:
         candidates.append((None, None, None, target.row))
     if noun is None:
         candidates = [c for c in candidates if c != (None, None, None, None)]
@@ -252,9 +259,130 @@ def grouped_counts(objects: Iterable[SceneObject], key=lambda o: o.label) -> lis
     return list(counts.items())
 
 
-def inventory(objects: Iterable[SceneObject]) -> str:
-    """ "two large red circles and a small blue square" ("" for no objects)."""
-    return join_list([count_phrase(n, name) for name, n in grouped_counts(objects)])
+def inventory(objects: Iterable[SceneObject], uncounted: dict[str, str] | None = None) -> str:
+    """ "two large red circles and a small blue square" ("" for no objects); a noun in `uncounted` (see
+    uncounted_nouns) gets its amount word instead of a number: "two dogs and many people"."""
+    uncounted = uncounted or {}
+    objects = list(objects)
+    nouns = {o.label: o.noun for o in objects}
+    return join_list([f"{uncounted[nouns[name]]} {plural(name)}" if nouns[name] in uncounted else count_phrase(n, name)
+                      for name, n in grouped_counts(objects)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the captions say: generated answers must never contradict the image's own captions.
+
+# Words a caption may use for a COCO category besides its name (their plurals count too). Only used to keep
+# "Is there a ...? No." and stated numbers away from what the captions name, so a generous list costs a few questions,
+# never a false answer.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "person": ("people", "man", "men", "woman", "women", "boy", "girl", "child", "children", "kid", "guy", "lady",
+               "baby", "player", "skier", "surfer", "skateboarder", "snowboarder", "rider", "fan", "crowd",
+               "spectator", "someone", "tourist", "officer", "chef", "worker", "pedestrian", "family", "couple",
+               "adult", "teenager", "student", "team", "batter", "catcher", "pitcher", "umpire", "soldier"),
+    "bicycle": ("bike", "cyclist"), "car": ("vehicle", "taxi", "cab", "sedan", "suv", "van", "jeep"),
+    "motorcycle": ("motorbike", "bike", "scooter", "moped", "motorcyclist"),
+    "airplane": ("plane", "jet", "aircraft", "airliner", "jetliner", "airplanes"), "bus": ("buses", "coach"),
+    "train": ("locomotive", "tram", "subway", "railcar"), "truck": ("lorry", "pickup", "vehicle", "van"),
+    "boat": ("ship", "sailboat", "canoe", "kayak", "yacht", "ferry", "vessel"),
+    "traffic light": ("stoplight", "traffic signal", "signal"), "fire hydrant": ("hydrant",),
+    "stop sign": ("sign",), "parking meter": ("meter",), "bench": ("pew",),
+    "bird": ("pigeon", "seagull", "gull", "duck", "goose", "geese", "parrot", "swan", "crow", "eagle", "hawk", "owl",
+             "chicken", "hen", "rooster"),
+    "cat": ("kitten", "kitty", "kittens"), "dog": ("puppy", "pup", "puppies"), "horse": ("pony", "horseback"),
+    "sheep": ("lamb", "flock"), "cow": ("cattle", "bull", "calf", "calves", "cows", "herd", "ox", "oxen"),
+    "bear": ("teddy",), "backpack": ("bag", "knapsack"), "umbrella": ("parasol",), "handbag": ("purse", "bag"),
+    "tie": ("necktie", "bowtie"), "suitcase": ("luggage", "bag", "baggage"), "frisbee": ("disc", "frisbees"),
+    "skis": ("ski",), "sports ball": ("ball", "football", "baseball", "basketball", "volleyball", "soccer"),
+    "baseball bat": ("bat",), "baseball glove": ("glove", "mitt"), "skateboard": ("board", "skateboarder"),
+    "surfboard": ("board", "surfer"), "tennis racket": ("racket", "racquet"), "wine glass": ("glass", "wine"),
+    "cup": ("mug", "coffee", "tea"), "bowl": ("dish",), "sandwich": ("sub", "burger", "hamburger", "panini"),
+    "orange": ("tangerine", "citrus"), "hot dog": ("hotdog", "sausage"), "donut": ("doughnut",),
+    "cake": ("cupcake", "dessert"), "chair": ("seat", "stool"), "couch": ("sofa", "loveseat"),
+    "potted plant": ("plant", "houseplant", "flower", "pot"), "dining table": ("table", "desk"),
+    "toilet": ("commode",), "tv": ("television", "monitor", "screen"), "laptop": ("computer", "notebook"),
+    "remote": ("controller", "remote control"), "keyboard": ("computer",),
+    "cell phone": ("phone", "cellphone", "smartphone", "mobile"), "oven": ("stove",), "sink": ("basin",),
+    "refrigerator": ("fridge",), "book": ("books", "novel"), "clock": ("clocks",), "vase": ("vases",),
+    "teddy bear": ("teddy", "bear", "stuffed animal"), "hair drier": ("hair dryer", "blow dryer", "dryer"),
+    "toothbrush": ("brush",),
+}
+# Words that say "more than a couple" without a number: "many dogs", "a group of people", "a herd of sheep".
+_MANY_WORDS = {"many", "several", "numerous", "multiple", "lots", "crowd", "crowds", "group", "groups", "herd",
+               "herds", "flock", "flocks", "bunch", "dozens", "plenty", "various", "lot"}
+# Words that end a noun phrase's left side: "two cats and dogs" gives no number for dogs.
+_NOT_ADJECTIVES = {"a", "an", "the", "and", "or", "with", "of", "in", "on", "at", "to", "by", "near", "some", "his",
+                   "her", "their", "its", "other", "more", "than", "are", "is"}
+
+
+def _caption_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _occurs(phrase: str, words: Sequence[str]) -> list[int]:
+    """Indices in `words` where the word sequence of `phrase` starts."""
+    target = phrase.lower().split()
+    return [i for i in range(len(words) - len(target) + 1) if list(words[i:i + len(target)]) == target]
+
+
+def mentions(captions: Iterable[str], noun: str) -> bool:
+    """Whether a caption names `noun` (a label such as "traffic light" or "red circle"), one of its SYNONYMS, or one
+    of their plurals, as whole words."""
+    terms = (noun, *SYNONYMS.get(noun, ()))
+    phrases = {form for term in terms for form in (term, plural(term))}
+    return any(_occurs(phrase, _caption_words(c)) for c in captions for phrase in phrases)
+
+
+def _amount(word: str) -> int | str | None:
+    if word.isdigit():
+        return int(word)
+    if word in _NUMBER_WORDS:
+        return _NUMBER_WORDS.index(word)
+    return {"couple": 2, "pair": 2}.get(word, "many" if word in _MANY_WORDS else None)
+
+
+def stated_numbers(captions: Iterable[str], noun: str) -> set[int | str]:
+    """Numbers the captions give for `noun` by its own name: "two dogs" -> 2, "one dog" -> 1, "three brown dogs" -> 3,
+    "a couple of dogs" -> 2, "many dogs" / "a group of dogs" -> "many". A number above one needs the plural, so "two
+    dog bowls" says nothing about dogs; "a dog" states nothing either (it is how captions name a thing, not count
+    it)."""
+    numbers: set[int | str] = set()
+    for caption in captions:
+        words = _caption_words(caption)
+        for form, is_plural in ((noun, False), (plural(noun), True)):
+            for i in _occurs(form, words):
+                j = i - 1
+                if j >= 1 and (words[j] == "of" or (_amount(words[j]) is None and words[j] not in _NOT_ADJECTIVES)):
+                    j -= 1  # "a group of dogs", or one adjective: "three brown dogs"
+                value = _amount(words[j]) if j >= 0 else None
+                if (value == "many" and is_plural) or (isinstance(value, int) and value > 0
+                                                       and (value > 1) == is_plural):
+                    numbers.add(value)
+    return numbers
+
+
+def uncounted_nouns(objects: Sequence[SceneObject], captions: Iterable[str]) -> dict[str, str]:
+    """Nouns whose number no answer may state, each with the amount word to say instead: "many" when a crowd region
+    holds some of them (COCO's iscrowd), "some" when a caption gives another number than the boxes (COCO leaves out a
+    few small or hidden instances, and "two dogs" must not contradict a caption's "three dogs")."""
+    captions = list(captions)
+    uncounted: dict[str, str] = {}
+    for noun, members in _by_noun(objects).items():
+        if any(o.crowd for o in members):
+            uncounted[noun] = "many"
+            continue
+        n = len(members)
+        stated = stated_numbers(captions, noun)
+        if any(value != n for value in stated if value != "many") or ("many" in stated and n < 3):
+            uncounted[noun] = "many" if stated == {"many"} else "some"
+    return uncounted
+
+
+def _by_noun(objects: Iterable[SceneObject]) -> dict[str, list[SceneObject]]:
+    groups: dict[str, list[SceneObject]] = {}
+    for obj in objects:
+        groups.setdefault(obj.noun, []).append(obj)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -263,8 +391,8 @@ def inventory(objects: Iterable[SceneObject]) -> str:
 @dataclass(frozen=True)
 class Vocabulary:
     """Plain (non-scene) labels seen anywhere in the input. A label that occurs in the dataset but has no box in an
-    image is taken to be absent from it: true for the scene world, and for COCO, whose 80 categories are annotated
-    exhaustively."""
+    image is taken to be absent from it (true for the scene world, and for COCO, whose 80 categories are annotated
+    exhaustively) unless a caption of that image names it (see absent_kinds)."""
 
     nouns: frozenset[str] = frozenset()
 
@@ -273,8 +401,9 @@ class Vocabulary:
         return Vocabulary(frozenset(o.noun for o in map(read_object, boxes) if not o.is_scene_shape))
 
 
-def absent_kinds(objects: Sequence[SceneObject], vocabulary: Vocabulary) -> list[str]:
-    """Things certainly not in the image: "colour shape" pairs of the scene world and unseen dataset nouns."""
+def absent_kinds(objects: Sequence[SceneObject], vocabulary: Vocabulary, captions: Iterable[str] = ()) -> list[str]:
+    """Things certainly not in the image: "colour shape" pairs of the scene world and dataset nouns that have neither
+    a box nor a crowd region in it and that no caption of the image names (see `mentions`)."""
     absent: list[str] = []
     scene = [o for o in objects if o.is_scene_shape]
     if scene and all(o.colour for o in scene):
@@ -283,4 +412,5 @@ def absent_kinds(objects: Sequence[SceneObject], vocabulary: Vocabulary) -> list
     if len(scene) < len(objects) or (not objects and vocabulary.nouns):
         present_nouns = {o.noun for o in objects}
         absent += sorted(n for n in vocabulary.nouns if n not in present_nouns)
-    return absent
+    captions = list(captions)
+    return [kind for kind in absent if not mentions(captions, kind)]

@@ -34,9 +34,9 @@ def coco_files(tmp_path):
     return captions, instances
 
 
-def test_import_normalises_boxes_keeps_order_and_drops_crowds(coco_files, tmp_path):
+def test_import_normalises_boxes_keeps_order_and_marks_crowds(coco_files, tmp_path):
     stats = import_coco(*coco_files, tmp_path / "captions.jsonl")
-    assert stats == {"images": 2, "boxes": 3, "crowd_dropped": 1, "degenerate_dropped": 1,
+    assert stats == {"images": 2, "boxes": 4, "crowd_regions": 1, "degenerate_dropped": 1,
                      "images_without_captions": 1}
     records, skipped = read_captions(tmp_path / "captions.jsonl")
     assert skipped == 0 and [r.id for r in records] == ["42", "7"]
@@ -45,13 +45,15 @@ def test_import_normalises_boxes_keeps_order_and_drops_crowds(coco_files, tmp_pa
     assert dog_image.captions == ("A dog chases a ball across the grass.", "A brown dog playing outside.")
     assert [(b.label, b.bbox) for b in dog_image.boxes] == [
         ("dog", (0.1, 0.1, 0.6, 0.6)), ("sports ball", (0.9375, 0.8333, 1.0, 1.0))]  # clipped to the image
-    assert [(b.label, b.bbox) for b in cat_image.boxes] == [("cat", (0.0, 0.0, 0.5, 0.5))]
+    assert [(b.label, b.bbox, b.crowd) for b in cat_image.boxes] == [("cat", (0.0, 0.0, 0.5, 0.5), False),
+                                                                     ("person", (0.0, 0.0, 1.0, 1.0), True)]
+    assert '{"label": "person", "bbox": [0.0, 0.0, 1.0, 1.0], "crowd": true}' in (tmp_path / "captions.jsonl").read_text()
 
 
 def test_cli_and_missing_key_error(coco_files, tmp_path, capsys):
     assert coco_main(["--captions", str(coco_files[0]), "--instances", str(coco_files[1]),
                       "--out", str(tmp_path / "c.jsonl")]) == 0
-    assert "wrote 2 images with 3 boxes" in capsys.readouterr().out
+    assert "wrote 2 images with 4 boxes (1 crowd regions)" in capsys.readouterr().out
     broken = dict(INSTANCES, annotations=[{"id": 1, "image_id": 42, "category_id": 18}])
     coco_files[1].write_text(json.dumps(broken))
     with pytest.raises(InputError, match=r"instances_val\.json: annotations\[0\]: missing key 'bbox'"):
