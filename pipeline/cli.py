@@ -18,8 +18,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "base": ("stages.base:main", "demo only: pretrain a tiny CLIP + tokenizer + tiny LLaMA on scene data"),
     "align": ("stages.align:main", "stage 1: train the projector on image-caption pairs"),
     "instruct": ("stages.instruct:main", "stage 2: tune projector + LLM (or adapters) on instruction data"),
+    "prefer": ("stages.prefer:main", "stage 3: DPO/IPO on chosen/rejected answers against hallucination"),
     "eval": ("pipeline.evaluate:main", "batched greedy answers for a LLaVA question file, scored when references exist"),
     "chat": ("pipeline.chat:main", "chat with a trained model about an image (one-shot or interactive)"),
+    "serve": ("pipeline.serve:main", "OpenAI-compatible chat API (streaming, batched) and a web chat page"),
     "export": ("pipeline.export:main", "merged model, Hugging Face LLaMA, or transformers LLaVA layout"),
     "run": ("pipeline.runner:main", "run every stage of a config file in order, skipping finished ones"),
 }
