@@ -266,3 +266,183 @@ def _generate(model, prompts, inputs_embeds, lengths, config, tokenizer, on_text
         for row, stream in enumerate(streams):
             stream.finish(outputs[row])
     return outputs
+
+
+# ---- continuous batching -------------------------------------------------------------------------------------------
+
+class DecodeRow:
+    """One sequence inside a BatchDecoder: its settings, its new ids so far and, once done, why it ended."""
+
+    def __init__(self, config: GenerationConfig, stop_ids: set[int], stream: TextStream | None, key=None):
+        self.config, self.stop_ids, self.stream, self.key = config, stop_ids, stream, key
+        self.ids: list[int] = []
+        self.finish_reason: str | None = None  # "stop" (stop id or stop string) or "length"
+        self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None  # [1, V] for the repetition penalty
+
+    def take(self, token: int) -> bool:
+        """Record the sampled token; True when the row is finished."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return True
+        self.ids.append(token)
+        if self.stream is not None:
+            keep = self.stream.push(self.ids)
+            if keep is not None:
+                del self.ids[keep:]
+                self.finish_reason = "stop"
+                return True
+        if len(self.ids) >= self.config.max_new_tokens:
+            self.finish_reason = "length"
+            return True
+        return False
+
+
+class BatchDecoder:
+    """Generation step by step for a set of rows that changes between steps (continuous batching).
+
+    `add()` prefills one prompt on its own and merges its KV cache into the running batch; `step()` picks one token
+    for every row and runs one forward pass for all of them; finished rows (and rows given to `remove()`) leave. Each
+    row keeps its own settings (temperature, top-p, seed, stop strings, max tokens), so requests with different
+    settings share forward passes.
+
+    Cache layout: every row is `[virtual tokens][left padding][real tokens]` and all rows share one length; the
+    attention mask marks the padding and rotary positions count real tokens only, so a row's numbers do not depend
+    on how much padding the batch gives it. Prefilling alone makes a prompt's first token the same as in `generate`
+    with one prompt; while no row is padded no mask is passed at all (the same kernels as a single sequence). The
+    cache is rebuilt only when rows join or leave (one copy of it, about the memory traffic of one decode step), and
+    then loses the leading columns that are padding for every remaining row.
+
+    Needs `llava.model.Llama` (its KVCache); single-threaded: one owner calls add/step/remove.
+    """
+
+    def __init__(self, model, tokenizer=None):
+        self.model, self.tokenizer = model, tokenizer
+        model_config = getattr(model, "config", None)
+        self.eos_id = getattr(model_config, "eos_id", None)
+        self.n_virtual = model.num_virtual_tokens() if hasattr(model, "num_virtual_tokens") else 0
+        self.device = next(model.parameters()).device
+        self.rows: list[DecodeRow] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [rows, real columns] bool: False on left padding
+        self.logits: torch.Tensor | None = None  # [rows, V]: each row's next-token logits
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def add(self, inputs_embeds: torch.Tensor, config: GenerationConfig, on_text: Callable[[str], None] | None = None,
+            key=None) -> DecodeRow:
+        """Prefill one prompt (`[T, dim]` embeddings) and join it to the batch; its first token comes at `step()`."""
+        if inputs_embeds.ndim != 2 or inputs_embeds.shape[0] == 0:
+            raise ValueError(f"BatchDecoder.add: inputs_embeds must be [tokens > 0, dim], got {tuple(inputs_embeds.shape)}")
+        if config.max_new_tokens < 1:
+            raise ValueError(f"BatchDecoder.add: max_new_tokens={config.max_new_tokens} must be >= 1")
+        if (config.stop_strings or on_text is not None) and self.tokenizer is None:
+            raise ValueError("BatchDecoder: stop_strings and on_text need a tokenizer to turn ids into text")
+        stop_ids = set(config.stop_token_ids) if config.stop_token_ids else ({self.eos_id} - {None})
+        stream = None
+        if self.tokenizer is not None and (on_text is not None or config.stop_strings):
+            stream = TextStream(self.tokenizer.decode, config.stop_strings, on_text)
+        row = DecodeRow(config, stop_ids, stream, key)
+        if config.seed is not None and config.temperature > 0:
+            row.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+
+        length = inputs_embeds.shape[0]
+        cache = self.model.new_cache(1, length)
+        logits = self.model(inputs_embeds=inputs_embeds[None].to(self.device), cache=cache, last_only=True)[:, -1]
+        if config.repetition_penalty != 1.0:
+            row.seen = torch.zeros_like(logits, dtype=torch.bool)
+        mask = torch.ones(1, length, dtype=torch.bool, device=self.device)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.logits = [row], cache, mask, logits
+            return row
+        columns = max(self.mask.shape[1], length)
+        merged = self._new_cache(len(self.rows) + 1, columns)
+        everyone = torch.arange(len(self.rows), device=self.device)
+        self._copy_rows(merged, 0, self.cache, everyone, self.mask.shape[1], columns)
+        self._copy_rows(merged, len(self.rows), cache, torch.zeros(1, dtype=torch.long, device=self.device), length,
+                        columns)
+        self.mask = torch.cat((_left_pad(self.mask, columns), _left_pad(mask, columns)))
+        self.rows, self.cache, self.logits = self.rows + [row], merged, torch.cat((self.logits, logits))
+        return row
+
+    @torch.no_grad()
+    def step(self) -> list[DecodeRow]:
+        """One token for every row; return the rows that finished (they have left the batch)."""
+        if not self.rows:
+            return []
+        chosen = self.logits.argmax(dim=-1)  # greedy rows without a penalty: one call for all of them
+        for i, row in enumerate(self.rows):
+            c = row.config
+            if c.temperature > 0 or c.repetition_penalty != 1.0:
+                chosen[i] = next_tokens(self.logits[i:i + 1], c, row.seen, row.generator)[0]
+        finished = []
+        for row, token in zip(self.rows, chosen.tolist()):
+            if row.seen is not None:
+                row.seen[0, token] = True
+            if row.take(token):
+                finished.append(row)
+                if row.stream is not None:
+                    row.stream.finish(row.ids)
+        if finished:
+            keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
+            chosen = chosen[keep]
+            self._keep(keep)
+        if not self.rows:
+            return finished
+        if self.cache.length == self.cache.max_len:
+            self._grow()
+        self.mask = torch.cat((self.mask, self.mask.new_ones(len(self.rows), 1)), dim=1)
+        mask = None if bool(self.mask.all()) else self.mask
+        self.logits = self.model(chosen[:, None], attention_mask=mask, cache=self.cache, last_only=True)[:, -1]
+        return finished
+
+    def remove(self, rows: Sequence[DecodeRow]) -> None:
+        """Drop rows before they finish (their requester went away); their text streams get nothing more."""
+        gone = {id(row) for row in rows}
+        keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
+        if len(keep) != len(self.rows):
+            self._keep(keep)
+
+    # ---- cache bookkeeping -------------------------------------------------------------------------------------
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the rows at positions `keep`, dropping the leading columns that are padding for all of them."""
+        if not keep:
+            self.rows, self.cache, self.mask, self.logits = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self.mask[index]
+        columns = mask.shape[1] - int(mask.any(dim=0).long().argmax())  # first column some row uses
+        cache = self._new_cache(len(keep), columns, room=self.cache.max_len - self.cache.length)
+        self._copy_rows(cache, 0, self.cache, index, self.mask.shape[1], columns)
+        self.rows = [self.rows[i] for i in keep]
+        self.cache, self.mask, self.logits = cache, mask[:, -columns:], self.logits[index]
+
+    def _grow(self) -> None:
+        columns = self.mask.shape[1]
+        cache = self._new_cache(len(self.rows), columns, room=max(64, columns))
+        self._copy_rows(cache, 0, self.cache, torch.arange(len(self.rows), device=self.device), columns, columns)
+        self.cache = cache
+
+    def _new_cache(self, rows: int, columns: int, room: int = 64):
+        """A cache holding `columns` real columns (plus virtual tokens), with space for `room` more."""
+        cache = self.model.new_cache(rows, columns + room)
+        cache.length = self.n_virtual + columns
+        return cache
+
+    def _copy_rows(self, dst, dst_start: int, src, src_index: torch.Tensor, src_columns: int,
+                   dst_columns: int) -> None:
+        """Copy rows of `src` into `dst` from row `dst_start` on: virtual tokens in front, the last
+        min(src_columns, dst_columns) real columns right-aligned."""
+        nv, n = self.n_virtual, min(src_columns, dst_columns)
+        rows = slice(dst_start, dst_start + len(src_index))
+        for buffers_dst, buffers_src in ((dst.keys, src.keys), (dst.values, src.values)):
+            for d, s in zip(buffers_dst, buffers_src):
+                s = s[src_index]
+                d[rows, :, :nv] = s[:, :, :nv]
+                d[rows, :, nv + dst_columns - n:nv + dst_columns] = s[:, :, nv + src_columns - n:nv + src_columns]
+
+
+def _left_pad(mask: torch.Tensor, columns: int) -> torch.Tensor:
+    return torch.cat((mask.new_zeros(mask.shape[0], columns - mask.shape[1]), mask), dim=1)
