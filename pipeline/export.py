@@ -6,9 +6,12 @@
 - `hf-llava`: the whole model in the layout transformers' `LlavaForConditionalGeneration` loads, the layout of the
   llava-hf checkpoints: `vision_tower.vision_model.*` (a CLIP ViT tower written back in Hugging Face CLIP names),
   `multi_modal_projector.linear_1/linear_2` (an mlp2x_gelu projector), `language_model.model.*` and
-  `language_model.lm_head.weight`. The image token gets one new embedding row (id = the old vocabulary size) as in
-  the llava-hf conversion; its output row is zero and `generation_config.json` suppresses it, so it is never sampled.
-  transformers expands nothing itself: a prompt holds `image_seq_length` copies of the image token per image.
+  `language_model.lm_head.weight`, with the tokenizer, image processor and LlavaProcessor configs beside them, so
+  `AutoProcessor` turns a prompt with `<image>` and an image into the inputs our own pipeline builds.
+  `<image>` is the token transformers' tokenizer adds after the SentencePiece vocabulary (id = its size), as in the
+  llava-hf conversion. Where the language model's vocabulary is padded past the tokenizer, that id is already a row
+  (one the tokenizer never produces) and the weights are written unchanged; otherwise one row is appended (embedding:
+  the mean row, output: zero). `generation_config.json` suppresses the id, so it is never sampled.
 
 Open_clip -> Hugging Face CLIP names (the inverse of llava.model.vision.hf_clip_state_dict):
 
@@ -138,9 +141,15 @@ def _copy_tokenizer(loaded, out: Path) -> None:
 
 
 def _tokenizer_config(loaded, extra_tokens: dict[int, str] | None = None) -> dict:
+    """transformers' LlamaTokenizer settings that tokenize as llava.conversation does.
+
+    `legacy: True`: our text after `<image>`, `</s>` or `<s>` is encoded as its own piece with SentencePiece's dummy
+    prefix "▁" (LLaVA's tokenizer_image_token); transformers does the same only in legacy mode, and without it drops
+    that "▁" after every special token.
+    """
     tok = loaded.tokenizer
     config = {
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True,
         "bos_token": tok.id_to_piece(tok.bos_id), "eos_token": tok.id_to_piece(tok.eos_id),
         "unk_token": tok.id_to_piece(tok.unk_id), "pad_token": tok.id_to_piece(tok.pad_id),
         "model_max_length": loaded.model.config.max_len, "clean_up_tokenization_spaces": False,
@@ -151,6 +160,23 @@ def _tokenizer_config(loaded, extra_tokens: dict[int, str] | None = None) -> dic
                      "special": True} for i, text in extra_tokens.items()}
         config["extra_special_tokens"] = {"image_token": next(iter(extra_tokens.values()))}
     return config
+
+
+def _image_processor_config(config) -> dict:
+    """LlavaImageProcessor settings for our aspect mode: `pad` is its do_pad (a square of the mean colour, as
+    LLaVA's expand2square), `crop` its shortest-edge resize + centre crop, `resize` a resize to the square."""
+    size, aspect = config.image_size, config.image_aspect_ratio
+    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL's codes
+    if config.image_interpolation not in resample:
+        raise ExportError(f"image interpolation {config.image_interpolation!r} has no transformers equivalent "
+                          f"(supported: {', '.join(resample)})")
+    return {
+        "image_processor_type": "LlavaImageProcessor", "do_convert_rgb": True, "do_pad": aspect == "pad",
+        "do_resize": True, "size": {"height": size, "width": size} if aspect == "resize" else {"shortest_edge": size},
+        "resample": resample[config.image_interpolation],
+        "do_center_crop": aspect != "resize", "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(config.image_mean), "image_std": list(config.image_std)}
 
 
 def export_merged(loaded, out: Path) -> None:
@@ -182,15 +208,19 @@ def export_hf_llava(loaded, out: Path) -> dict:
         raise ExportError("the language model has prompt or prefix tokens (an unmerged adapter); transformers' LLaMA "
                           "has no place for them")
     vision_config = hf_clip_vision_config(model.vision)
+    image_processor = _image_processor_config(config)
     llm = model.llm
     if llm.config.tie_embeddings:
         raise ExportError("tied input/output embeddings cannot take the image token's extra row (zero on the output "
                           "side); export --format merged instead")
     vocab = llm.config.vocab_size
-    image_token_index = vocab  # a new row, as the llava-hf conversion adds "<image>" after the vocabulary
+    image_token_index = loaded.tokenizer.vocab_size  # the id transformers' tokenizer gives the added "<image>"
+    if image_token_index > vocab:
+        raise ExportError(f"the tokenizer has {image_token_index} pieces but the language model only {vocab} rows")
+    add_row = image_token_index == vocab
     text_config = {k: v for k, v in llm.config.to_hf_config(llm.embed_tokens.weight.dtype).items()
                    if k not in ("architectures", "torch_dtype", "dtype")}
-    text_config["vocab_size"] = vocab + 1
+    text_config["vocab_size"] = vocab + add_row
 
     state: dict[str, torch.Tensor] = {}
     for key, tensor in hf_clip_vision_state_dict(model.vision.visual).items():
@@ -199,13 +229,13 @@ def export_hf_llava(loaded, out: Path) -> dict:
     for ours, theirs in (("0", "linear_1"), ("2", "linear_2")):
         state[f"multi_modal_projector.{theirs}.weight"] = projector.get_submodule(ours).weight.detach()
         state[f"multi_modal_projector.{theirs}.bias"] = projector.get_submodule(ours).bias.detach()
-    llm_state = llm.hf_state_dict()
-    for key, tensor in llm_state.items():
-        if key == "model.embed_tokens.weight":
-            tensor = torch.cat([tensor.detach(), tensor.detach().mean(0, keepdim=True)])
-        elif key == "lm_head.weight":
-            tensor = torch.cat([tensor.detach(), tensor.new_zeros(1, tensor.shape[1])])
-        state[f"language_model.{key}"] = tensor.detach().contiguous()
+    for key, tensor in llm.hf_state_dict().items():
+        tensor = tensor.detach()
+        if add_row and key == "model.embed_tokens.weight":
+            tensor = torch.cat([tensor, tensor.mean(0, keepdim=True)])
+        elif add_row and key == "lm_head.weight":
+            tensor = torch.cat([tensor, tensor.new_zeros(1, tensor.shape[1])])
+        state[f"language_model.{key}"] = tensor.contiguous()
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors({k: v.cpu() for k, v in state.items()}, out / "model.safetensors",
@@ -214,7 +244,7 @@ def export_hf_llava(loaded, out: Path) -> dict:
     hf_config = {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "vision_config": vision_config, "text_config": text_config,
-        "image_token_index": image_token_index, "image_seq_length": model.vision.num_patches,
+        "image_token_index": image_token_index, "image_seq_length": model.vision.num_tokens,
         "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
         "vision_feature_layer": config.select_layer,
         "vision_feature_select_strategy": "default" if config.select_feature == "patch" else "full",
@@ -226,13 +256,11 @@ def export_hf_llava(loaded, out: Path) -> dict:
     _copy_tokenizer(loaded, out)
     atomic_write_json(out / "tokenizer_config.json",
                       _tokenizer_config(loaded, {image_token_index: DEFAULT_IMAGE_TOKEN}))
-    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(config.image_interpolation, 3)
-    atomic_write_json(out / "preprocessor_config.json", {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": config.image_size},
-        "resample": resample, "do_center_crop": True,
-        "crop_size": {"height": config.image_size, "width": config.image_size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(config.image_mean),
-        "image_std": list(config.image_std), "do_convert_rgb": True})
+    atomic_write_json(out / "preprocessor_config.json", image_processor)
+    atomic_write_json(out / "processor_config.json", {
+        "processor_class": "LlavaProcessor", "image_token": DEFAULT_IMAGE_TOKEN,
+        "patch_size": model.vision.visual.patch_size[0], "num_additional_image_tokens": 1,  # the CLS token
+        "vision_feature_select_strategy": hf_config["vision_feature_select_strategy"]})
     atomic_write_json(out / "config.json", hf_config)  # last: its presence marks a complete export
     return hf_config
 
