@@ -1,21 +1,23 @@
 # Two commands: `make demo` and `make test`. Both create .venv when missing and install in the order
-# the stack needs: torch + torchvision first, then the rest, then deepspeed (its build imports torch).
+# the stack needs: torch + torchvision first, then deepspeed (its build imports torch), then the rest.
+# Every package, direct or not, is pinned by constraints.txt: the stack that was tested is the stack that installs.
+# After a deliberate upgrade, run the tests and then `make lock` to write the new pins.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-TORCH   ?= torch==2.14.1 torchvision==0.29.1
+PIP     := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test install clean readme
+.PHONY: demo test install clean readme lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(PIP) --upgrade pip setuptools wheel
 
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q --no-build-isolation deepspeed
-	$(BIN)/pip install -q -e '.[test]'
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
+	$(PIP) torch torchvision
+	$(PIP) --no-build-isolation deepspeed
+	$(PIP) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,3 +33,6 @@ clean:
 
 readme:
 	$(PY) docs/build_readme.py
+
+lock:
+	$(BIN)/pip freeze --all --exclude-editable > constraints.txt

@@ -83,7 +83,7 @@ def captured_output(path: Path):
 
 
 @pytest.fixture(scope="module")
-def persistent_overflow(tmp_path_factory):
+def persistent_overflow(tmp_path_factory, fp16_training):
     """fp16 whose gradients overflow at every loss scale from step 5 on (after checkpoints 2 and 4); the loss scale
     starts at 2**4 so it reaches its minimum in a few steps. Returns (error, console output, output dir)."""
     out = tmp_path_factory.mktemp("overflow")

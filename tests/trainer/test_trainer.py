@@ -5,6 +5,9 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -295,7 +298,7 @@ def test_nan_loss_stops_with_the_step_and_sample_ids(tmp_path):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path):
+def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, fp16_training):
     ds_json = tmp_path / "fp16.json"
     ds_json.write_text(json.dumps({"fp16": {"enabled": "auto", "initial_scale_power": 24, "hysteresis": 1}}))
     task.train({"output_dir": str(tmp_path / "run"), "max_steps": 6, "log_every": 1, "precision": "fp16",
@@ -312,6 +315,23 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path):
     assert result.step == 6 and metrics(tmp_path / "run")[-1]["skipped_steps"] == skipped[-1]
     with pytest.raises(ConfigError, match="fp16 needs zero_stage"):
         deepspeed_config(TrainConfig(output_dir="x", precision="fp16", zero_stage=0), 1)
+
+
+def test_fp16_is_refused_where_the_cpu_lacks_it(tmp_path):
+    """On a CPU without AVX512-FP16 / AMX-FP16 (emulated here by capping oneDNN's instruction set, as such a machine
+    reports it), precision fp16 is a named error that says what to use instead, raised before any training."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "PYTHONPATH": str(Path(task.__file__).parent)}
+    code = ("import trainer_task, sys\n"
+            "from stages.trainer import TrainerError\n"
+            "try:\n"
+            f"    trainer_task.train({{'output_dir': {str(tmp_path / 'run')!r}, 'max_steps': 2, 'precision': 'fp16', "
+            "'zero_stage': 2})\n"
+            "except TrainerError as e:\n"
+            "    print('REFUSED:', e); sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "REFUSED: precision fp16 is not supported on cpu; use bf16 or fp32" in done.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
