@@ -9,7 +9,9 @@ import sys
 
 from data_gen.coco import import_coco
 from data_gen.driver import DEFAULT_TYPES, CacheError, generate
+from data_gen.hallucination import make_pope_file
 from data_gen.openai_backend import BackendFatal, OpenAIConfig
+from data_gen.preference import generate_pairs
 from data_gen.prompting import RESPONSE_TYPES
 from data_gen.records import InputError
 from data_gen.scenes import render_scenes
@@ -85,6 +87,19 @@ def _turns(text: str) -> tuple[int, int]:
                                          f"{text!r}") from None
 
 
+def _pair_types(text: str) -> dict[str, int]:
+    from data_gen.preference import PAIR_TYPES
+
+    try:
+        counts = {name.strip(): int(n) for name, _, n in (part.partition("=") for part in text.split(","))}
+    except ValueError:
+        counts = {}
+    if not counts or any(t not in PAIR_TYPES or n < 0 for t, n in counts.items()):
+        raise argparse.ArgumentTypeError(f"expected TYPE=N,... with types from {','.join(PAIR_TYPES)} (e.g. "
+                                         f"description=1,short=2), got {text!r}")
+    return counts
+
+
 def generate_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llava-pipeline generate", description=(
         "Write LLaVA instruction JSON from a captions JSONL file, with GPT through any OpenAI-compatible endpoint "
@@ -127,11 +142,22 @@ def generate_main(argv: list[str]) -> int:
     questions.add_argument("--questions-out", help="write short-answer eval questions (JSONL) for the --input images")
     questions.add_argument("--questions-per-image", type=int, default=3)
     questions.add_argument("--open-every", type=int, default=10, help="one open question every N images (0: none)")
+    hallucination = parser.add_argument_group("hallucination (data_gen.preference, data_gen.hallucination)")
+    hallucination.add_argument("--pairs-out", help="write preference pairs (chosen / rejected with one hallucination) "
+                               "for DPO (llava-pipeline prefer)")
+    hallucination.add_argument("--pair-types", type=_pair_types, default={"description": 1, "short": 1},
+                               metavar="TYPE=N,...", help="pairs per image: description=N,short=N (default 1 each; "
+                               "the openai backend asks their sum, kinds rotating)")
+    hallucination.add_argument("--pope-out", help="write POPE questions (random / popular / adversarial) for the "
+                               "--input images")
+    hallucination.add_argument("--pope-per-image", type=int, default=3, help="present (and as many absent) objects "
+                               "asked per image and split (POPE: 3)")
     args = parser.parse_args(argv)
-    if not args.out and not args.questions_out:
-        parser.error("give --out (instruction data) and/or --questions-out (eval questions)")
-    if args.out and not args.backend:
-        parser.error("--backend openai|offline is required with --out")
+    if not (args.out or args.questions_out or args.pairs_out or args.pope_out):
+        parser.error("give --out (instruction data), --questions-out (eval questions), --pairs-out (preference "
+                     "pairs) and/or --pope-out (POPE questions)")
+    if (args.out or args.pairs_out) and not args.backend:
+        parser.error("--backend openai|offline is required with --out and --pairs-out")
     _setup_logging(args.verbose)
 
     try:
@@ -142,13 +168,31 @@ def generate_main(argv: list[str]) -> int:
             print(f"wrote {stats['questions']} questions for {stats['images']} images to {args.questions_out}: "
                   + json.dumps({k: v for k, v in stats.items() if k not in ("images", "questions")}),
                   file=sys.stderr)
-        if not args.out:
+        if args.pope_out:
+            stats = make_pope_file(args.input, args.pope_out, per_image=args.pope_per_image, seed=args.seed,
+                                   skip_bad=args.skip_bad)
+            print(f"wrote {stats['questions']} POPE questions for {stats['images']} images to {args.pope_out}: "
+                  + json.dumps({k: v for k, v in stats.items() if k not in ("images", "questions")}),
+                  file=sys.stderr)
+        if not (args.out or args.pairs_out):
             return 0
         config = OpenAIConfig(model=args.model, base_url=args.base_url, temperature=args.temperature,
                               max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
                               max_reasks=args.max_reasks, base_delay=args.base_delay, max_delay=args.max_delay,
                               rpm=args.rpm, price_in=args.price_in, price_out=args.price_out,
                               json_mode=not args.no_json_mode)
+        if args.pairs_out:
+            pairs = generate_pairs(args.input, args.pairs_out, backend=args.backend, types=args.pair_types,
+                                   seed=args.seed, workers=args.workers, skip_bad=args.skip_bad, limit=args.limit,
+                                   progress=not args.no_progress, openai_config=config)
+            print(f"wrote {pairs['written']} preference pairs to {args.pairs_out} ({pairs['already_done']} items from "
+                  f"the cache, {pairs['failed']} failed): {json.dumps(pairs['by_kind'])}", file=sys.stderr)
+            if pairs["failed"]:
+                print(f"rerun the same command to retry the failed items (reasons next to {args.pairs_out})",
+                      file=sys.stderr)
+                return 1
+        if not args.out:
+            return 0
         summary = generate(args.input, args.out, backend=args.backend, types=args.types, seed=args.seed,
                            workers=args.workers, cache_path=args.cache, failures_path=args.failures,
                            summary_path=args.summary, skip_bad=args.skip_bad, limit=args.limit,

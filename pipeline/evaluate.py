@@ -387,6 +387,31 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name.removesuffix(".jsonl") + suffix)
 
 
+def hallucination_scores(args, questions: Sequence[Question], answers: dict[str, dict]) -> dict:
+    """POPE (--pope) and CHAIR (--chair-captions) of the answers, printed and returned for the scores file."""
+    from data_gen import hallucination as h
+    from data_gen.records import read_captions
+
+    result: dict = {}
+    texts = {str(q.question_id): answers[str(q.question_id)]["text"] for q in questions}
+    if args.pope:
+        labels = {qid: label for qid, label in h.read_pope_labels(args.question_file).items() if qid in texts}
+        result["pope"] = scores = h.pope_scores(labels, texts)
+        print("POPE        accuracy   precision  recall     F1         yes-ratio  questions")
+        for split, s in scores.items():
+            print(f"{split:<11} {s['accuracy']:<10.4f} {s['precision']:<10.4f} {s['recall']:<10.4f} {s['f1']:<10.4f} "
+                  f"{s['yes_ratio']:<10.4f} {s.get('n', '')}")
+    if args.chair_captions:
+        vocabulary = h.ChairVocabulary.named(args.chair_vocabulary)
+        objects = h.image_objects(read_captions(args.chair_captions)[0], vocabulary)
+        described = [(q.image, texts[str(q.question_id)]) for q in questions]
+        result["chair"] = scores = h.chair_scores(described, objects, vocabulary)
+        print(f"CHAIR ({vocabulary.name}): CHAIR-i {scores['chair_i']:.4f} ± {scores['chair_i_se']:.4f} "
+              f"({scores['hallucinated_mentions']}/{scores['mentions']} mentions), CHAIR-s {scores['chair_s']:.4f} "
+              f"± {scores['chair_s_se']:.4f} ({scores['descriptions']} descriptions)")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llava-pipeline eval",
@@ -418,10 +443,19 @@ def main(argv: list[str] | None = None) -> int:
                         "answers_gpt4.jsonl); default: the questions' 'answer' key")
     parser.add_argument("--context", help="LLaVA-Bench context.jsonl ({image, caption}) for the judge")
     parser.add_argument("--reviews-file", help="where to write the judge's reviews (default: next to the answers)")
+    hallucination = parser.add_argument_group("object hallucination (data_gen.hallucination)")
+    hallucination.add_argument("--pope", action="store_true", help="the question file is POPE's ({question_id, image, "
+                               "text, label}): accuracy, precision, recall, F1 and yes-ratio per split")
+    hallucination.add_argument("--chair-captions", help="captions JSONL with the evaluated images' boxes: CHAIR-i and "
+                               "CHAIR-s of the answers (ask open descriptions)")
+    hallucination.add_argument("--chair-vocabulary", default="coco", help="scene | coco | a synonyms file "
+                               "('category, synonym, ...' per line, CHAIR's synonyms.txt format); default coco")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--batch-size and --max-new-tokens must be >= 1")
 
+    from data_gen.hallucination import HallucinationError
+    from data_gen.records import InputError
     from pipeline.judge import JudgeError
 
     answers_file = Path(args.answers_file)
@@ -450,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         if scores is not None:
             print(format_score_table(scores))
             result["exact_match"] = scores
+        result.update(hallucination_scores(args, questions, answers))
         if args.judge != "none":
             judge = make_judge(args.judge, args.judge_model, args.judge_base_url)
             references = read_answers(args.reference_answers) if args.reference_answers else None
@@ -464,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(result) > 2:
             scores_file = Path(args.scores_file) if args.scores_file else _sibling(answers_file, ".scores.json")
             atomic_write_json(scores_file, result)
-    except (QuestionFileError, JudgeError) as e:
+    except (QuestionFileError, JudgeError, HallucinationError, InputError) as e:
         print(f"llava-pipeline eval: {e}", file=sys.stderr)
         return 2
     return 0

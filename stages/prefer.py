@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,8 +57,13 @@ TRAIN_SECTIONS = {
 class PreferConfig:
     output_dir: str
     model: str  # stage 2's final model directory (a saved llava model): the policy's start and the reference
-    data: str  # preference records: JSON list or JSONL, LLaVA rows + chosen/rejected, or TRL prompt/chosen/rejected
-    image_folder: str | None = None  # folder the records' image paths start from
+    # preference records: JSON list or JSONL, LLaVA rows + chosen/rejected, or TRL prompt/chosen/rejected; unset:
+    # written offline from `captions` (data_gen.preference) into output_dir/pairs.json before training
+    data: str | None = None
+    captions: str | None = None  # captions JSONL (with boxes) to write the pairs from when `data` is unset
+    pair_types: dict = field(default_factory=lambda: {"description": 1, "short": 1})  # pairs per image and type
+    pair_seed: int = 0
+    image_folder: str | None = None  # folder the records' (or captions') image paths start from
     beta: float = 0.1
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo
     template: str | None = None  # default: the model's
@@ -360,10 +365,30 @@ def train(cfg: PreferConfig, model: PreferenceModel, tokenizer) -> dict:
     return {"model": str(final), "metrics": result.metrics}
 
 
+def write_pairs(cfg: PreferConfig) -> None:
+    """`data` unset: offline pairs from `captions`, written once by rank 0 (resumable: data_gen's item cache)."""
+    from data_gen.preference import PAIR_TYPES, generate_pairs
+
+    if cfg.captions is None:
+        raise ConfigError("prefer: set data (preference records) or captions (a captions JSONL with boxes to write "
+                          "offline pairs from)")
+    unknown = [t for t in cfg.pair_types if t not in PAIR_TYPES]
+    if unknown:
+        raise ConfigError(f"prefer.pair_types: unknown type(s) {unknown}; types: {', '.join(PAIR_TYPES)}")
+    path = Path(cfg.output_dir) / "pairs.json"
+    if common.is_main():
+        summary = generate_pairs(cfg.captions, path, types=cfg.pair_types, seed=cfg.pair_seed, progress=False)
+        common.log(f"[prefer] wrote {summary['written']} offline pairs to {path}: {summary['by_kind']}")
+    common.barrier()
+    cfg.data = str(path)
+
+
 def run(cfg: PreferConfig) -> dict:
     from stages.trainer import setup_distributed
 
     setup_distributed()
+    if cfg.data is None:
+        write_pairs(cfg)
     return train(cfg, *build(cfg))
 
 
