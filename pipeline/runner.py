@@ -1,7 +1,9 @@
 """`llava-pipeline run --config F`: every stage of a run, in order, from one config file.
 
-    scenes -> generate -> base (demo only) -> align -> instruct -> eval      (folders under out_dir:
-    scenes/   data/       base/              align/   instruct/   eval/       the final model is instruct/final)
+    scenes -> generate -> base (demo only) -> align -> instruct -> prefer (optional) -> eval
+    scenes/   data/       base/              align/   instruct/   prefer/               eval/
+
+(folders under out_dir; the final model is instruct/final, or prefer/final when the config has a prefer section)
 
 Each stage writes only inside its own folder. When it finishes, `<stage>/DONE.json` is written atomically with a
 fingerprint of what it was made from: its resolved settings, the completion ids of the stages it read from, and the
@@ -298,6 +300,7 @@ class RunConfig:
     base: dict | None = None
     align: dict | None = None
     instruct: dict | None = None
+    prefer: dict | None = None  # stage 3 (stages/prefer.py): DPO on the instruct stage's model
     eval: dict | None = None
     chat_example: dict | None = None
 
@@ -493,9 +496,21 @@ def plan_instruct(run: Run, section: dict) -> Plan:
     return _training_plan(run, "instruct", section, lambda out: {"final_model": str(out / "final")})
 
 
+def plan_prefer(run: Run, section: dict) -> Plan:
+    """Stage 3 on the instruct stage's model; without `data`, offline pairs about the training scenes."""
+    section = copy.deepcopy(section)
+    _set_default(section, "model", lambda: run.output("instruct", "final_model", needed_by="prefer", setting="model"))
+    if section.get("data") is None and section.get("captions") is None:
+        section["captions"] = run.output("scenes", "captions", needed_by="prefer", setting="data")
+        _set_default(section, "image_folder",
+                     lambda: run.output("scenes", "image_folder", needed_by="prefer", setting="image_folder"))
+    return _training_plan(run, "prefer", section, lambda out: {"final_model": str(out / "final")})
+
+
 def plan_eval(run: Run, cfg: EvalSection) -> Plan:
     out = run.dir("eval")
-    model = cfg.model or run.output("instruct", "final_model", needed_by="eval", setting="model")
+    last = "prefer" if run.configured("prefer") else "instruct"  # the run's final model
+    model = cfg.model or run.output(last, "final_model", needed_by="eval", setting="model")
     question_file = cfg.question_file
     image_folder = cfg.image_folder
     if question_file is None:
@@ -564,7 +579,7 @@ def _training_modules(name: str) -> Callable[[], tuple[Any, type]]:
     return load
 
 
-TRAINING_STAGES = {name: _training_modules(name) for name in ("base", "align", "instruct")}
+TRAINING_STAGES = {name: _training_modules(name) for name in ("base", "align", "instruct", "prefer")}
 
 
 STAGES = [
@@ -575,10 +590,11 @@ STAGES = [
     Stage("base", "base", plan_base, None),
     Stage("align", "align", plan_align, None),
     Stage("instruct", "instruct", plan_instruct, None),
+    Stage("prefer", "prefer", plan_prefer, None),
     Stage("eval", "eval", lambda run, section: plan_eval(run, bind(EvalSection, section, "eval")), EvalSection),
 ]
 # Keys the runner fills from earlier stages; they stand in as placeholders when a config is checked up front.
-WIRED = {"base": ("captions",), "align": ("model.llm", "shards"), "instruct": ("data",)}
+WIRED = {"base": ("captions",), "align": ("model.llm", "shards"), "instruct": ("data",), "prefer": ("model",)}
 
 
 def validate_sections(config: RunConfig, where: str) -> None:
@@ -642,7 +658,7 @@ def _stage_name(value: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llava-pipeline run", description="Run every configured stage in order (scenes, generate, base, align, "
-        "instruct, eval), skipping finished ones and resuming an interrupted one.")
+        "instruct, prefer, eval), skipping finished ones and resuming an interrupted one.")
     parser.add_argument("--config", required=True, help="run config (YAML/JSON), e.g. configs/tiny-demo.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. instruct.train.lr=1e-4")
