@@ -32,6 +32,31 @@ CONFIGS = {
                                       layer_norm_eps=1e-12),
 }
 
+GELU_SPELLINGS = ["quick_gelu", "gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh",
+                  "gelu_python_tanh"]
+
+
+def random_configs(n: int, seed: int = 11) -> dict[str, dict]:
+    """Seeded random shapes on every axis, beside the hand-picked ones above."""
+    rng = random.Random(seed)
+    configs = {}
+    for i in range(n):
+        heads, patch = rng.randint(1, 6), rng.randint(2, 8)
+        width = heads * rng.choice([2, 4, 6, 8])
+        kind = rng.choice(["vision", "with_projection", "clip"])
+        config = dict(kind=kind, hidden_size=width, num_attention_heads=heads,
+                      intermediate_size=rng.randint(1, 5 * width), num_hidden_layers=rng.randint(1, 3),
+                      image_size=patch * rng.randint(1, 4) + rng.randint(0, patch - 1), patch_size=patch,
+                      hidden_act=rng.choice(GELU_SPELLINGS), layer_norm_eps=rng.choice([1e-5, 1e-6, 1e-12]),
+                      projection_dim=rng.randint(1, 40))
+        if kind == "clip":
+            config["top_projection_dim"] = rng.randint(1, 40)
+        configs[f"random-{i}-{kind}"] = config
+    return configs
+
+
+CONFIGS.update(random_configs(6))
+
 
 def save_hf_clip(path, kind="vision", top_projection_dim=None, seed=0, **vision):
     """Build a random transformers CLIP model (`vision`: CLIPVisionModel, `with_projection`:
@@ -90,8 +115,7 @@ def test_hf_clip_config_loads_with_transformers_features(tmp_path, name):
             torch.testing.assert_close(tower.visual(images), embedding, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_accurate",
-                                 "gelu_pytorch_tanh", "gelu_python_tanh"])
+@pytest.mark.parametrize("act", GELU_SPELLINGS)
 def test_every_gelu_spelling_gives_transformers_features(tmp_path, act):
     model = save_hf_clip(tmp_path, hidden_size=16, num_attention_heads=2, intermediate_size=40, num_hidden_layers=2,
                          image_size=16, patch_size=8, hidden_act=act, seed=3)
