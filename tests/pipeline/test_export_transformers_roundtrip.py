@@ -119,7 +119,9 @@ def test_auto_tokenizer_ids_equal_ours_around_image_and_special_tokens(tmp_path,
     ours = load_model(tmp_path / "model", device="cpu")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    conversation = CONVERSATION + [{"from": "gpt", "value": "Three boats."}]
+    conversation = CONVERSATION + [{"from": "gpt", "value": "Three boats."},
+                                   {"from": "human", "value": "Left:<image>\n\n and  right:<image>two?"},
+                                   {"from": "gpt", "value": " Two,  both 12."}]
     if template == "plain":
         conversation = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A grey cat on a mat."}]
     ids, _ = tokenize_conversation(conversation, ours.tokenizer, template)
