@@ -61,6 +61,10 @@ def test_cli_and_missing_key_error(coco_files, tmp_path, capsys):
     assert coco_main(["--captions", str(coco_files[0]), "--instances", str(coco_files[1]),
                       "--out", str(tmp_path / "c.jsonl")]) == 2
     assert "missing key 'bbox'" in capsys.readouterr().err
+    broken = dict(INSTANCES, annotations=[dict(INSTANCES["annotations"][0], iscrowd="yes")])
+    coco_files[1].write_text(json.dumps(broken))
+    with pytest.raises(InputError, match=r"annotations\[0\]: key 'iscrowd' must be 0 or 1, got 'yes'"):
+        import_coco(*coco_files, tmp_path / "c.jsonl")
 
 
 @pytest.mark.parametrize("line, message", [
@@ -73,6 +77,8 @@ def test_cli_and_missing_key_error(coco_files, tmp_path, capsys):
      r":1: boxes\[0\]: key 'bbox' .* wrong order"),
     ('{"id": "a", "image": "a.jpg", "captions": ["x"], "boxes": [{"bbox": [0, 0, 1, 1]}]}',
      r":1: boxes\[0\]: a box must be an object with keys 'label' and 'bbox'"),
+    ('{"id": "a", "image": "a.jpg", "captions": ["x"], "boxes": [{"label": "dog", "bbox": [0, 0, 1, 1], "crowd": 1}]}',
+     r":1: boxes\[0\]: key 'crowd' must be true or false"),
 ])
 def test_bad_captions_lines_name_file_line_and_key(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
