@@ -16,11 +16,9 @@ stages resume from their last checkpoint. `--from STAGE` reruns that stage and t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import json
 import math
@@ -31,10 +29,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from llava.io import atomic_write_json, atomic_write_text
 from stages.config import ConfigError, bind, dump_yaml, load_config, to_dict
+from stages.lifeline import FolderInUse, hold_folder
 
 DONE = "DONE.json"
 STARTED = "STARTED.json"
@@ -211,19 +210,6 @@ def _read_json(path: Path) -> dict | None:
 
 def _indent(text: str) -> str:
     return "".join("    " + line + "\n" for line in text.rstrip().splitlines())
-
-
-@contextlib.contextmanager
-def run_lock(out_dir: Path) -> Iterator[None]:
-    """One runner per output folder: a second one would interleave writes into the same stage folders."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PipelineError(f"another `llava-pipeline run` is using {out_dir}; wait for it or use another "
-                                "out_dir") from None
-        yield
 
 
 # ---- the run config ------------------------------------------------------------------------------------------------
@@ -684,15 +670,21 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     started = time.perf_counter()
     try:
-        with run_lock(out):
+        # One runner per output folder, and it keeps the folder while any of its training ranks lives: a second
+        # runner would interleave writes into the same stage folders (FolderInUse names the pids that hold it).
+        with hold_folder(out):
             atomic_write_text(out / "config.yaml", text)
             run = Run(config, out, args.config, STAGES, nproc=config.nproc, log=lambda m: print(m, flush=True))
             results = run_stages(run, STAGES, from_stage=args.from_stage, only=args.only)
             if config.chat_example is not None and args.only in (None, "eval"):
                 print_chat_example(run, bind(ChatExample, config.chat_example, "chat_example"))
-    except (PipelineError, ConfigError) as e:
+    except (PipelineError, ConfigError, FolderInUse) as e:
         print(f"llava-pipeline run: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C; any training ranks are gone by now (stages.launch stops them first)
+        print("llava-pipeline run: interrupted. The same command resumes: finished stages are skipped, training "
+              "continues from its last checkpoint", file=sys.stderr)
+        return 130
     print(f"[run] finished in {time.perf_counter() - started:.1f} s: " + ", ".join(results) + f" (outputs in {out})")
     return 0
 

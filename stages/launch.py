@@ -4,6 +4,10 @@ A stage's `main(argv)` calls `run(main_body, argv, nproc)`: with `nproc` 1, or w
 of a launcher (torchrun, `deepspeed`, mpirun), the body runs here; otherwise torchrun starts N copies
 of it with the same argv, each joining one process group (gloo on CPU, NCCL on GPUs), and this process waits.
 
+The ranks never outlive this process (stages/lifeline.py): torchrun's agent runs in a session of its own and dies
+with this process, the ranks die with the agent. SIGTERM, SIGINT or SIGHUP sent to this process is passed to the
+agent, which stops the ranks; once they are gone this process stops as the signal asks (docs/reliability.md).
+
 From the shell, the same thing:
 
     python -m stages.launch --nproc 2 stages.instruct:main --config run.yaml        # torchrun underneath
@@ -18,9 +22,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from typing import Callable
+
+from stages import lifeline
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # passed on to the ranks before this process stops
 
 
 def launched_world_size() -> int:
@@ -34,9 +44,67 @@ def launched_rank() -> bool:
     return launched_world_size() > 1
 
 
-def torchrun_command(nproc: int, target: str, argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "stages.launch", target, *argv]
+def torchrun_args(nproc: int, target: str, argv: list[str]) -> list[str]:
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "stages.launch", target, *argv]
+
+
+def agent_command(nproc: int, target: str, argv: list[str]) -> list[str]:
+    """torchrun's agent, started through `agent()` below so that it dies with this process."""
+    return [sys.executable, "-m", "stages.launch", "--agent", "--nproc", str(nproc), target, *argv]
+
+
+def agent(nproc: int, target: str, argv: list[str]) -> int:
+    """The torchrun agent, in the process the launcher started: it dies with the launcher (SIGTERM, which torchrun
+    answers by stopping its ranks), and its ranks with it (`keep_with_launcher`)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun
+
+    lifeline.die_with_parent(int(os.environ[lifeline.LAUNCHER_PID]), signal.SIGTERM)
+    os.environ[lifeline.AGENT_PID] = str(os.getpid())
+    try:
+        torchrun(torchrun_args(nproc, target, argv))
+    except SignalException as e:  # the ranks are stopped; torchrun has logged it
+        return 128 + int(e.sigval)
+    return 0
+
+
+def keep_with_launcher() -> None:
+    """In a rank: die with the agent that started it, and hold the output folder's lock while alive. The agent is
+    named in the environment by `agent()`; a rank of a torchrun started by hand watches its parent, that torchrun."""
+    if lifeline.AGENT_PID in os.environ:
+        lifeline.die_with_parent(int(os.environ[lifeline.AGENT_PID]), signal.SIGKILL)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        lifeline.die_with_parent(os.getppid(), signal.SIGKILL)
+    lifeline.join_folder()
+
+
+def run_ranks(nproc: int, target: str, argv: list[str]) -> int:
+    """Start the agent and wait for it. The agent runs in a session of its own, so the terminal's Ctrl-C and a kill of
+    our process group reach this process only: a stop signal here becomes a SIGTERM to the agent (torchrun passes it
+    to the ranks, which die at once), and is raised again here once the ranks are gone."""
+    command = agent_command(nproc, target, argv)
+    print(f"[launch] {' '.join(command)}", file=sys.stderr, flush=True)
+    process = subprocess.Popen(command, env={**os.environ, lifeline.LAUNCHER_PID: str(os.getpid())},
+                               start_new_session=True)
+    received: list[int] = []
+
+    def pass_on(signum, frame):
+        received.append(signum)
+        process.send_signal(signal.SIGTERM)
+
+    handled = {}
+    if threading.current_thread() is threading.main_thread():
+        handled = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
+    try:
+        code = process.wait()
+    finally:
+        for sig, previous in handled.items():
+            signal.signal(sig, previous)
+    if received:
+        print(f"[launch] {signal.Signals(received[0]).name}: ranks stopped (agent exit code {code})",
+              file=sys.stderr, flush=True)
+        signal.raise_signal(received[0])  # to the handler it had before: by default SIGTERM ends us, SIGINT raises
+    return code
 
 
 def target_of(function: Callable) -> str:
@@ -83,9 +151,7 @@ def run(main: Callable[[list[str]], int], argv: list[str], nproc: int = 1) -> in
         code = int(main(argv) or 0)
         finish_process_group()
         return code
-    command = torchrun_command(nproc, target_of(main), argv)
-    print(f"[launch] {' '.join(command)}", file=sys.stderr, flush=True)
-    return subprocess.call(command)
+    return run_ranks(nproc, target_of(main), argv)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -94,9 +160,14 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (torchrun)")
     # The `deepspeed` launcher passes --local_rank=N to each rank (LOCAL_RANK is in the environment as well).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)  # run_ranks' torchrun agent
     parser.add_argument("target", help="package.module:function taking argv (list[str]) and returning an exit code")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to the function unchanged")
     args = parser.parse_args(argv)
+    if args.agent:
+        return agent(args.nproc, args.target, args.args)
+    if launched_rank():
+        keep_with_launcher()  # before the stage's imports, which take seconds
     return run(resolve(args.target), args.args, args.nproc)
 
 

@@ -449,8 +449,9 @@ def test_launch_runs_one_process_here_and_builds_a_torchrun_command(monkeypatch)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert launch.run(lambda argv: seen.append(argv) or 3, ["--x", "1"], nproc=1) == 3 and seen == [["--x", "1"]]
     assert launch.resolve(launch.target_of(task.main)) is task.main
-    command = launch.torchrun_command(2, "trainer_task:main", ["a=1"])
-    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "stages.launch",
-                           "trainer_task:main", "a=1"]
+    command = launch.agent_command(2, "trainer_task:main", ["a=1"])
+    assert command[1:] == ["-m", "stages.launch", "--agent", "--nproc", "2", "trainer_task:main", "a=1"]
+    assert launch.torchrun_args(2, "trainer_task:main", ["a=1"]) == [
+        "--standalone", "--nproc-per-node=2", "-m", "stages.launch", "trainer_task:main", "a=1"]
     monkeypatch.setenv("WORLD_SIZE", "2")  # already a rank of a launcher: never spawn again
     assert launch.run(lambda argv: 0, [], nproc=2) == 0
