@@ -150,3 +150,17 @@ def test_exact_mlp_ratio_rebuilds_every_width():
     pairs += [(1152, 4304), (1280, 5120)] + [(w, rng.randint(w, 8 * w)) for w in rng.sample(range(160, 8192), 2000)]
     assert all(int(width * exact_mlp_ratio(size, width)) == size for width, size in pairs)
     assert exact_mlp_ratio(3072, 768) == 4.0  # plain ratios stay plain
+
+
+def test_half_precision_checkpoint_loads_as_transformers_reads_it_in_float32(tmp_path):
+    model = save_hf_clip(tmp_path / "fp32", kind="clip", hidden_size=24, num_attention_heads=3, intermediate_size=50,
+                         num_hidden_layers=2, image_size=20, patch_size=5, hidden_act="gelu", top_projection_dim=10)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    reference = transformers.CLIPModel.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    images = torch.randn(2, 3, 20, 20)
+    hidden_states, embedding = hf_features(reference, "clip", images)
+    tower = build_vision_tower(tmp_path / "bf16", select_layer=-2, select_feature="cls_patch")
+    assert tower.visual.conv1.weight.dtype == torch.float32
+    torch.testing.assert_close(tower(images), hidden_states[-2], atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.visual(images), embedding, atol=2e-5, rtol=1e-5)
