@@ -56,11 +56,11 @@ def agent_command(nproc: int, target: str, argv: list[str]) -> list[str]:
 def agent(nproc: int, target: str, argv: list[str]) -> int:
     """The torchrun agent, in the process the launcher started: it dies with the launcher (SIGTERM, which torchrun
     answers by stopping its ranks), and its ranks with it (`keep_with_launcher`)."""
+    lifeline.die_with_parent(int(os.environ[lifeline.LAUNCHER_PID]), signal.SIGTERM)  # before seconds of imports
+    os.environ[lifeline.AGENT_PID] = str(os.getpid())
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
 
-    lifeline.die_with_parent(int(os.environ[lifeline.LAUNCHER_PID]), signal.SIGTERM)
-    os.environ[lifeline.AGENT_PID] = str(os.getpid())
     try:
         torchrun(torchrun_args(nproc, target, argv))
     except SignalException as e:  # the ranks are stopped; torchrun has logged it
@@ -84,18 +84,23 @@ def run_ranks(nproc: int, target: str, argv: list[str]) -> int:
     to the ranks, which die at once), and is raised again here once the ranks are gone."""
     command = agent_command(nproc, target, argv)
     print(f"[launch] {' '.join(command)}", file=sys.stderr, flush=True)
-    process = subprocess.Popen(command, env={**os.environ, lifeline.LAUNCHER_PID: str(os.getpid())},
-                               start_new_session=True)
     received: list[int] = []
+    process: subprocess.Popen | None = None
 
     def pass_on(signum, frame):
         received.append(signum)
-        process.send_signal(signal.SIGTERM)
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
 
     handled = {}
     if threading.current_thread() is threading.main_thread():
-        handled = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
+        handled = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS  # an ignored signal stays ignored
+                   if signal.getsignal(sig) not in (signal.SIG_IGN, None)}  # None: a handler set outside Python
     try:
+        process = subprocess.Popen(command, env={**os.environ, lifeline.LAUNCHER_PID: str(os.getpid())},
+                                   start_new_session=True)
+        if received:  # stopped while the agent was being started
+            process.send_signal(signal.SIGTERM)
         code = process.wait()
     finally:
         for sig, previous in handled.items():

@@ -2,9 +2,9 @@
 
 `--nproc N` starts three levels of processes: the launcher (the stage command or `llava-pipeline run`), torchrun's
 agent, and the N ranks. torchrun starts each rank in a session of its own, so a signal to the launcher's process group
-(an OOM killer's or a scheduler's SIGKILL, a closed ssh session) never reaches the ranks; and a launcher that simply
-dies leaves its agent and ranks training on. Each level below the launcher therefore dies with its parent
-(`die_with_parent`), by two mechanisms:
+(a scheduler's SIGKILL of the job step, a closed ssh session) never reaches the ranks; and a launcher that simply dies
+(`kill -9`, the OOM killer) leaves its agent and ranks training on. Each level below the launcher therefore dies with
+its parent (`die_with_parent`), by two mechanisms:
 
 - the kernel's parent-death signal (Linux `prctl(PR_SET_PDEATHSIG)`), sent the moment the parent exits, even while
   this process is busy in C code. It is tied to the parent *thread* that started the process: the launcher and
