@@ -9,7 +9,7 @@
   `language_model.lm_head.weight`, with the tokenizer, image processor and LlavaProcessor configs beside them, so
   `AutoProcessor` turns a prompt with `<image>` and an image into the inputs our own pipeline builds.
   `<image>` is the token transformers' tokenizer adds after the SentencePiece vocabulary (id = its size), as in the
-  llava-hf conversion. Where the language model's vocabulary is padded past the tokenizer, that id is already a row
+  llava-hf conversion, or the SentencePiece model's own `<image>` piece where it has one. Where the language model's vocabulary is padded past the tokenizer, that id is already a row
   (one the tokenizer never produces) and the weights are written unchanged; otherwise one row is appended (embedding:
   the mean row, output: zero). `generation_config.json` suppresses the id, so it is never sampled.
 
@@ -162,6 +162,15 @@ def _tokenizer_config(loaded, extra_tokens: dict[int, str] | None = None) -> dic
     return config
 
 
+def _image_token_id(tokenizer) -> int:
+    """The id transformers' tokenizer gives `<image>`: the SentencePiece model's own piece where it has one (a
+    user-defined symbol), else the first id after the vocabulary, where the tokenizer config adds it."""
+    from llava.constants import DEFAULT_IMAGE_TOKEN
+
+    piece = tokenizer.piece_to_id(DEFAULT_IMAGE_TOKEN)
+    return piece if tokenizer.id_to_piece(piece) == DEFAULT_IMAGE_TOKEN else tokenizer.vocab_size
+
+
 def _image_processor_config(config) -> dict:
     """LlavaImageProcessor settings for our aspect mode: `pad` is its do_pad (a square of the mean colour, as
     LLaVA's expand2square), `crop` its shortest-edge resize + centre crop, `resize` a resize to the square."""
@@ -214,7 +223,7 @@ def export_hf_llava(loaded, out: Path) -> dict:
         raise ExportError("tied input/output embeddings cannot take the image token's extra row (zero on the output "
                           "side); export --format merged instead")
     vocab = llm.config.vocab_size
-    image_token_index = loaded.tokenizer.vocab_size  # the id transformers' tokenizer gives the added "<image>"
+    image_token_index = _image_token_id(loaded.tokenizer)
     if image_token_index > vocab:
         raise ExportError(f"the tokenizer has {image_token_index} pieces but the language model only {vocab} rows")
     add_row = image_token_index == vocab

@@ -21,19 +21,24 @@ transformers = pytest.importorskip("transformers")
 CORPUS = ["Which animal sits on the mat? The grey cat.", "Count the boats: 3 boats, 12 oars.",
           "Is the door open? Yes, wide open!", "Describe the scene in detail: a kitchen, two mugs, één lamp.",
           "USER: hi ASSISTANT: hello there"]
-# (select_feature, vocabulary padding past the tokenizer, kv heads of 4 query heads, aspect mode)
-CASES = [("patch", 0, 4, "pad"), ("patch", 0, 2, "crop"), ("patch", 13, 4, "resize"), ("patch", 13, 1, "pad"),
-         ("cls_patch", 0, 4, "resize"), ("cls_patch", 0, 2, "pad"), ("cls_patch", 13, 4, "crop"),
-         ("cls_patch", 13, 2, "pad")]
+# (select_feature, vocabulary padding past the tokenizer, kv heads of 4 query heads, aspect mode, whether the
+# SentencePiece model has its own "<image>" piece)
+CASES = [("patch", 0, 4, "pad", False), ("patch", 0, 2, "crop", False), ("patch", 13, 4, "resize", False),
+         ("patch", 13, 1, "pad", False), ("cls_patch", 0, 4, "resize", False), ("cls_patch", 0, 2, "pad", False),
+         ("cls_patch", 13, 4, "crop", False), ("cls_patch", 13, 2, "pad", False), ("patch", 0, 2, "pad", True)]
 
 
 @pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
+def tokenizer_files(tmp_path_factory):
+    """{has an "<image>" piece: tokenizer.model}"""
     from llava.tokenizer import Tokenizer
 
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    Tokenizer.train(CORPUS * 30, path, vocab_size=340)
-    return path
+    files = {}
+    for image_piece in (False, True):
+        files[image_piece] = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+        Tokenizer.train(CORPUS * 30, files[image_piece], vocab_size=340,
+                        user_symbols=["<image>"] if image_piece else [])
+    return files
 
 
 def save_model(path, tokenizer_file, select_feature, pad_vocab, kv_heads, aspect, seed=5):
@@ -49,8 +54,10 @@ def save_model(path, tokenizer_file, select_feature, pad_vocab, kv_heads, aspect
         llm=LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=kv_heads, ffn_hidden=96, max_seq_len=1024,
                         vocab_size=tokenizer.vocab_size + pad_vocab))
     model = LlavaModel(config)
-    with torch.no_grad():  # a trained model never predicts rows no token uses; zero them as training leaves them low
-        model.llm.lm_head.weight[tokenizer.vocab_size:] = 0
+    with torch.no_grad():  # no target ever uses the padding rows or an "<image>" piece (our ids hold -200 there):
+        model.llm.lm_head.weight[tokenizer.vocab_size:] = 0  # a trained model does not predict them; zero logits
+        if tokenizer.id_to_piece(tokenizer.piece_to_id("<image>")) == "<image>":  # never win over random ones
+            model.llm.lm_head.weight[tokenizer.piece_to_id("<image>")] = 0
         model.llm.norm.weight.add_(torch.randn_like(model.llm.norm.weight))
     model.save(path, tokenizer=tokenizer)
 
@@ -67,9 +74,10 @@ CONVERSATION = [{"from": "human", "value": "Which animal sits on the mat?\n<imag
                 {"from": "human", "value": "Count the boats:  3 boats, 12 oars; één?"}]
 
 
-@pytest.mark.parametrize("select_feature,pad_vocab,kv_heads,aspect", CASES)
-def test_transformers_pipeline_equals_ours(tmp_path, tokenizer_file, select_feature, pad_vocab, kv_heads, aspect):
-    save_model(tmp_path / "model", tokenizer_file, select_feature, pad_vocab, kv_heads, aspect)
+@pytest.mark.parametrize("select_feature,pad_vocab,kv_heads,aspect,image_piece", CASES)
+def test_transformers_pipeline_equals_ours(tmp_path, tokenizer_files, select_feature, pad_vocab, kv_heads, aspect,
+                                           image_piece):
+    save_model(tmp_path / "model", tokenizer_files[image_piece], select_feature, pad_vocab, kv_heads, aspect)
     out = tmp_path / "hf"
     assert main(["--model", str(tmp_path / "model"), "--format", "hf-llava", "--out", str(out)]) == 0
     ours = load_model(tmp_path / "model", device="cpu")
@@ -77,7 +85,8 @@ def test_transformers_pipeline_equals_ours(tmp_path, tokenizer_file, select_feat
     hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # no missing / unexpected / mismatched weights
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert hf.config.image_token_index == image_id == ours.tokenizer.vocab_size
+    expected_id = ours.tokenizer.piece_to_id("<image>") if image_piece else ours.tokenizer.vocab_size
+    assert hf.config.image_token_index == image_id == expected_id
     assert hf.config.image_seq_length == ours.model.vision.num_tokens
 
     prompt = get_template(ours.template).render(CONVERSATION, add_generation_prompt=True)
@@ -99,10 +108,10 @@ def test_transformers_pipeline_equals_ours(tmp_path, tokenizer_file, select_feat
         our_logits = ours.model(torch.tensor([ids]), images=pixels)["logits"]
         their_logits = hf(**inputs).logits
     assert their_logits.shape[:2] == our_logits.shape[:2]
-    assert their_logits.shape[-1] == vocab + (pad_vocab == 0)  # a row appended only where no padding row is free
+    assert their_logits.shape[-1] == vocab + (image_id == vocab)  # a row appended only where no row is free
     torch.testing.assert_close(their_logits[..., :vocab], our_logits, atol=1e-4, rtol=1e-4)
     assert hf.generation_config.suppress_tokens == [image_id]  # <image> is never generated ...
-    if pad_vocab == 0:
+    if image_id == vocab:
         assert torch.all(their_logits[..., vocab] == 0)  # ... and its appended output row is zero
 
     with torch.no_grad():  # greedy, as `llava-pipeline chat` runs it (ours stops before eos, transformers at it)
@@ -113,8 +122,8 @@ def test_transformers_pipeline_equals_ours(tmp_path, tokenizer_file, select_feat
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "llava_v1", "llama_2", "plain"])
-def test_auto_tokenizer_ids_equal_ours_around_image_and_special_tokens(tmp_path, tokenizer_file, template):
-    save_model(tmp_path / "model", tokenizer_file, "patch", 3, 2, "pad")
+def test_auto_tokenizer_ids_equal_ours_around_image_and_special_tokens(tmp_path, tokenizer_files, template):
+    save_model(tmp_path / "model", tokenizer_files[False], "patch", 3, 2, "pad")
     assert main(["--model", str(tmp_path / "model"), "--format", "hf-llava", "--out", str(tmp_path / "hf")]) == 0
     ours = load_model(tmp_path / "model", device="cpu")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
