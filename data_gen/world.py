@@ -273,8 +273,9 @@ def inventory(objects: Iterable[SceneObject], uncounted: dict[str, str] | None =
 # What the captions say: generated answers must never contradict the image's own captions.
 
 # Words a caption may use for a COCO category besides its name (their plurals count too). Only used to keep
-# "Is there a ...? No." and stated numbers away from what the captions name, so a generous list costs a few questions,
-# never a false answer.
+# "Is there a ...? No." away from what the captions name, so the list is generous on purpose ("bag" for three
+# categories, "crowd" for person): a word too many costs a question, a word too few a false answer. CHAIR's list
+# (data_gen.hallucination.COCO_SYNONYMS) must map each mention to exactly one category, so it cannot be this one.
 SYNONYMS: dict[str, tuple[str, ...]] = {
     "person": ("people", "man", "men", "woman", "women", "boy", "girl", "child", "children", "kid", "guy", "lady",
                "baby", "player", "skier", "surfer", "skateboarder", "snowboarder", "rider", "fan", "crowd",
