@@ -8,10 +8,11 @@
   `multi_modal_projector.linear_1/linear_2` (an mlp2x_gelu projector), `language_model.model.*` and
   `language_model.lm_head.weight`, with the tokenizer, image processor and LlavaProcessor configs beside them, so
   `AutoProcessor` turns a prompt with `<image>` and an image into the inputs our own pipeline builds.
-  `<image>` is the token transformers' tokenizer adds after the SentencePiece vocabulary (id = its size), as in the
-  llava-hf conversion, or the SentencePiece model's own `<image>` piece where it has one. Where the language model's vocabulary is padded past the tokenizer, that id is already a row
-  (one the tokenizer never produces) and the weights are written unchanged; otherwise one row is appended (embedding:
-  the mean row, output: zero). `generation_config.json` suppresses the id, so it is never sampled.
+  `<image>` is the id transformers' tokenizer gives it: the first after the SentencePiece vocabulary (as in the
+  llava-hf conversion), or the SentencePiece model's own `<image>` piece where it has one. Where that id is already
+  a row (a vocabulary padded past the tokenizer, or the piece), the weights are written unchanged; otherwise one row
+  is appended (embedding: the mean row, output: zero). `generation_config.json` suppresses the id, so it is never
+  sampled.
 
 Open_clip -> Hugging Face CLIP names (the inverse of llava.model.vision.hf_clip_state_dict):
 
