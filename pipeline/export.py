@@ -221,8 +221,8 @@ def export_hf_llava(loaded, out: Path) -> dict:
     image_processor = _image_processor_config(config)
     llm = model.llm
     if llm.config.tie_embeddings:
-        raise ExportError("tied input/output embeddings cannot take the image token's extra row (zero on the output "
-                          "side); export --format merged instead")
+        raise ExportError("tied input/output embeddings are not exported to transformers' LLaVA (an appended image "
+                          "token row must be zero on the output side only); export --format merged instead")
     vocab = llm.config.vocab_size
     image_token_index = _image_token_id(loaded.tokenizer)
     if image_token_index > vocab:
