@@ -48,6 +48,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self.peak_running = 0  # most rows seen generating together (GET /health)
+        self.abandoned = 0  # requests dropped because their client went away
         self._thread = threading.Thread(target=self._run, name="llava-serve-engine", daemon=True)
 
     def start(self) -> None:
@@ -72,7 +73,7 @@ class Engine:
     def stats(self) -> dict:
         with self._wake:
             return {"running": len(self.decoder), "queued": len(self._pending), "peak_running": self.peak_running,
-                    "max_batch": self.max_batch, "max_queue": self.max_queue}
+                    "abandoned": self.abandoned, "max_batch": self.max_batch, "max_queue": self.max_queue}
 
     # ---- the engine thread -----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -86,7 +87,9 @@ class Engine:
                     joining = []
                     while self._pending and len(self.decoder) + len(joining) < self.max_batch:
                         job = self._pending.popleft()
-                        if not job.cancelled:
+                        if job.cancelled:
+                            self.abandoned += 1
+                        else:
                             joining.append(job)
                 try:
                     self._step(joining)
@@ -107,5 +110,6 @@ class Engine:
         gone = [row for row in self.decoder.rows if row.key.cancelled]
         if gone:
             self.decoder.remove(gone)
+            self.abandoned += len(gone)
         for row in self.decoder.step():
             row.key.emit(("done", row.finish_reason, len(row.ids)))

@@ -10,6 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+# One thread: the test model's matrices are tiny, and on a busy machine torch's thread pool spends its time waiting
+# for cores (60x slower per token when the machine was shared) instead of computing.
+torch.set_num_threads(1)
+
 TEXT = ["What color is the circle? red", "How many shapes are there? 2", "Is there a blue square? No",
         "A small red circle on the left and a large blue square on the right.", "USER: hello ASSISTANT: hi"]
 
