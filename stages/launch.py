@@ -105,6 +105,9 @@ def run_ranks(nproc: int, target: str, argv: list[str]) -> int:
     finally:
         for sig, previous in handled.items():
             signal.signal(sig, previous)
+        if process is not None and process.poll() is None:  # an exception left the wait (e.g. a test's timeout)
+            process.send_signal(signal.SIGTERM)
+            process.wait()
     if received:
         print(f"[launch] {signal.Signals(received[0]).name}: ranks stopped (agent exit code {code})",
               file=sys.stderr, flush=True)

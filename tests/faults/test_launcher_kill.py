@@ -181,10 +181,19 @@ def test_a_rank_left_alive_keeps_the_folder_and_is_named(tmp_path, capsys):
 
 # ---- two ranks under torchrun ---------------------------------------------------------------------------------------
 
-STOPS = {  # how the launcher is stopped -> its exit status (SIGKILL of the launcher alone: the runner's test below)
-    "SIGTERM to the launcher": (lambda pid: os.kill(pid, signal.SIGTERM), -signal.SIGTERM),
-    "SIGINT to its process group (Ctrl-C)": (lambda pid: os.killpg(pid, signal.SIGINT), -signal.SIGINT),
-    "SIGKILL to its process group": (lambda pid: os.killpg(pid, signal.SIGKILL), -signal.SIGKILL),
+LAUNCHER = [sys.executable, "-m", "stages.launch"]
+# The same launcher in a program that goes on after an exception left the launcher's wait (as a test runner does after
+# a test's timeout): here SIGUSR1 raises it.
+RAISING_LAUNCHER = [sys.executable, "-c", "import signal, sys, time; from stages.launch import cli\n"
+                    "def fail(*_): raise RuntimeError('the program around the launcher failed')\n"
+                    "signal.signal(signal.SIGUSR1, fail)\n"
+                    "try: cli(sys.argv[1:])\n"
+                    "except RuntimeError: time.sleep(600)"]
+STOPS = {  # how the launcher is stopped -> (launcher, how, its exit status); SIGKILL of it alone: the runner's test
+    "SIGTERM to the launcher": (LAUNCHER, lambda pid: os.kill(pid, signal.SIGTERM), -signal.SIGTERM),
+    "SIGINT to its process group (Ctrl-C)": (LAUNCHER, lambda pid: os.killpg(pid, signal.SIGINT), -signal.SIGINT),
+    "SIGKILL to its process group": (LAUNCHER, lambda pid: os.killpg(pid, signal.SIGKILL), -signal.SIGKILL),
+    "an exception in the launcher's process": (RAISING_LAUNCHER, lambda pid: os.kill(pid, signal.SIGUSR1), None),
 }
 
 
@@ -194,12 +203,12 @@ def hanging_launches(tmp_path_factory):
     ranks that hang at step 3, so they would train forever: {stop: (launcher, output folder, {pid: start time} of
     the agent and ranks)}."""
     started = {}
-    for stop in STOPS:
+    for stop, (launcher, _, _) in STOPS.items():
         out = tmp_path_factory.mktemp("stop") / "out"
         with hold_folder(out):  # as the runner does: the ranks inherit the lock's path and join it
             started[stop] = out, start(
-                [sys.executable, "-m", "stages.launch", "--nproc", "2", "trainer_task:main", f"output_dir={out}",
-                 "max_steps=8", "save_every=2", "--hang-at-step", "3"], out.parent / "log.txt",
+                [*launcher, "--nproc", "2", "trainer_task:main", f"output_dir={out}", "max_steps=8", "save_every=2",
+                 "--hang-at-step", "3"], out.parent / "log.txt",
                 environment(REPO / "tests" / "trainer"), start_new_session=True)  # a process group of its own
     launches = {}
     try:
@@ -221,7 +230,7 @@ def test_every_stop_takes_the_agent_and_the_ranks_with_it(stop, hanging_launches
     """Whatever stops the launcher stops its torchrun agent and both ranks. Until then the ranks hold the output
     folder: the launcher's share is released here, as a killed launcher's is, and the folder is still refused,
     naming exactly the ranks."""
-    send, status = STOPS[stop]
+    _, send, status = STOPS[stop]
     launcher, out, processes = hanging_launches[stop]
     ranks = {pid for pid in processes if proc_stat(pid)[1] != launcher.pid}
     assert len(processes) == 3 and len(ranks) == 2, processes  # the agent and its two ranks
@@ -232,8 +241,11 @@ def test_every_stop_takes_the_agent_and_the_ranks_with_it(stop, hanging_launches
 
     send(launcher.pid)
     assert wait_gone(processes) == [], f"{stop}: still running"
+    if status is None:  # the launcher's process goes on
+        assert launcher.poll() is None
+        launcher.kill()
     launcher.wait(timeout=60)
-    assert launcher.returncode == status, (out.parent / "log.txt").read_text(errors="replace")[-3000:]
+    assert launcher.returncode == (status or -signal.SIGKILL), (out.parent / "log.txt").read_text()[-3000:]
     with hold_folder(out):  # free once the last rank is gone
         pass
 
