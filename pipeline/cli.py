@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pipeline.serve:main", "OpenAI-compatible chat API (streaming, batched) and a web chat page"),
     "export": ("pipeline.export:main", "merged model, Hugging Face LLaMA, or transformers LLaVA layout"),
     "run": ("pipeline.runner:main", "run every stage of a config file in order, skipping finished ones"),
+    "plan": ("pipeline.plan:main", "parameter counts, memory per GPU, time and a fits/does-not-fit verdict"),
 }
 
 

@@ -42,7 +42,10 @@ SCHEMA = AlignConfig  # what `--config` binds to; TRAIN_SECTIONS gives its train
 
 def build(cfg: AlignConfig):
     """(model, tokenizer, the LlavaConfig it was built from): pretrained tower and LLM frozen, a fresh projector."""
+    from stages.memory import check_fits
+
     llava_config, tokenizer_file = common.llava_config(cfg.model, template="plain", max_len=cfg.max_len)
+    check_fits("align", cfg, llava_config)  # on a GPU: refuse what cannot fit before reading any weight
     model, tokenizer = common.build_model(llava_config, tokenizer_file, common.DTYPES[cfg.train.precision])
     model.llm.requires_grad_(False)
     return model, tokenizer, llava_config

@@ -94,6 +94,9 @@ def starting_model(cfg: InstructConfig):
                                                      freeze_vision=not cfg.tune_vision)
         config.image_aspect_ratio = cfg.image_aspect_ratio or config.image_aspect_ratio
         projector = Path(cfg.projector) if cfg.projector else None
+    from stages.memory import check_fits
+
+    check_fits("instruct", cfg, config)  # on a GPU: refuse what cannot fit before reading any weight
     model, tokenizer = common.build_model(config, tokenizer_file, dtype)
     if projector is not None:
         model.load_projector(projector)
