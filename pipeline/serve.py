@@ -297,7 +297,11 @@ def is_loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llava-pipeline serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="llava-pipeline serve", description=__doc__.split("\n\n")[0],
+        epilog="Reads: the model directory (--model) and images sent in requests (data: URLs, or paths inside "
+               "--image-folder). Writes: nothing to disk; answers HTTP on --host:--port (web chat page at /, OpenAI "
+               "API at /v1, GET /health).")
     parser.add_argument("--model", "--model-path", dest="model", required=True,
                         help="trained model dir (full, adapter, merged, or a LLaVA-1.5 HF dir)")
     parser.add_argument("--model-base", help="base model dir for an adapter dir that does not record its base")
@@ -314,9 +318,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="most requests waiting for a batch slot; more get 429 (default 64)")
     parser.add_argument("--image-folder", type=Path, help="serve image paths from inside this folder (default: "
                                                           "data: URLs only)")
-    parser.add_argument("--max-body-bytes", type=int, default=ServeSettings.max_body_bytes)
-    parser.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes)
-    parser.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
+    parser.add_argument("--max-body-bytes", type=int, default=ServeSettings.max_body_bytes,
+                        help="largest request body; larger gets 413 (default 20 MiB)")
+    parser.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes,
+                        help="largest encoded image; larger gets 413 (default 10 MiB)")
+    parser.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels,
+                        help="largest width x height of an image; larger gets 400 (default 4096 x 4096)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
