@@ -103,10 +103,11 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     hidden = model.llm(inputs_embeds=pad_sequence(embeds, batch_first=True), return_hidden=True)
     targets = pad_sequence(label_rows, batch_first=True, padding_value=IGNORE_INDEX)[:, 1:]
     supervised = targets != IGNORE_INDEX
-    logits = model.llm.lm_head(hidden[:, :-1][supervised]).float()
+    logits = model.llm.lm_head(hidden[:, :-1][supervised])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: log-softmax in fp32
     token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets[supervised].unsqueeze(1)).squeeze(1)
     rows = supervised.nonzero()[:, 0]
-    total = torch.zeros(targets.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
+    total = logits.new_zeros(targets.shape[0]).index_add(0, rows, token_logps)
     return total / supervised.sum(1).clamp(min=1) if average else total
 
 
