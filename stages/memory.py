@@ -351,21 +351,21 @@ def estimate(stage: str, cfg, llava_config, setup: Setup, *, settings: dict | No
     checkpointing = ds.get("gradient_checkpointing", train.gradient_checkpointing)
     adapter = getattr(cfg, "adapter", None)
     tune_vision = getattr(cfg, "tune_vision", False)
-    model = memory.meta_model(llava_config, adapter=adapter, tune_vision=tune_vision)
-    counts = memory.count_params(model)
-    states = memory.model_state_bytes(counts.total, counts.total_trainable, counts.largest_layer,
+    model = meta_model(llava_config, adapter=adapter, tune_vision=tune_vision)
+    counts = count_params(model)
+    states = model_state_bytes(counts.total, counts.total_trainable, counts.largest_layer,
                                       precision=train.precision, zero_stage=ds["zero_stage"], ranks=ranks,
                                       ranks_per_node=setup.gpus, offload_optimizer=ds["offload_optimizer"],
                                       offload_params=ds["offload_params"])
     llm = model.llm.config
     if adapter is not None:
         lora = adapter.get("method") in ("lora", "loftq")
-        training = memory.Training("adapter", tuple(adapter.get("targets", ("q_proj", "k_proj", "v_proj", "o_proj",
+        training = Training("adapter", tuple(adapter.get("targets", ("q_proj", "k_proj", "v_proj", "o_proj",
                                                                             "gate_proj", "up_proj", "down_proj")))
                                    if lora else (), int(adapter.get("r", 8)) if lora else 0,
                                    float(adapter.get("dropout", 0.0)) if lora else 0.0, checkpointing)
     else:
-        training = memory.Training("frozen" if stage == "align" else "full", gradient_checkpointing=checkpointing)
+        training = Training("frozen" if stage == "align" else "full", gradient_checkpointing=checkpointing)
     image_tokens = model.num_image_tokens
     seq_len = setup.seq_len or llava_config.max_len
     widths = [m.in_features for m in model.projector.modules() if hasattr(m, "in_features")]
@@ -373,11 +373,11 @@ def estimate(stage: str, cfg, llava_config, setup: Setup, *, settings: dict | No
     visual = model.vision.visual
     vision = (model.vision.hidden_size, image_tokens + (model.vision.select_feature == "patch"),
               visual.transformer.resblocks[0].mlp.c_fc.out_features, model.vision.num_blocks)
-    activations = memory.activation_bytes(
-        memory.LlmShape.of(llm), memory.Batch(micro, seq_len, image_tokens if seq_len > image_tokens else 0),
+    activations = activation_bytes(
+        LlmShape.of(llm), Batch(micro, seq_len, image_tokens if seq_len > image_tokens else 0),
         precision=train.precision, training=training, projector_dims=projector_dims, vision=vision,
         tune_vision=tune_vision)
-    buffers = int(ds["bucket_elements"] * memory.BYTES[train.precision])
+    buffers = int(ds["bucket_elements"] * BYTES[train.precision])
     need = states.gpu + activations["peak"] + buffers + int(CUDA_CONTEXT_GIB * GiB)
     global_batch = micro * accum * ranks
 
@@ -412,24 +412,32 @@ def estimate(stage: str, cfg, llava_config, setup: Setup, *, settings: dict | No
 
 
 def suggestions(stage: str, cfg, llava_config, setup: Setup, result: dict) -> list[tuple[str, dict]]:
-    """Changes to try, cheapest first, each keeping the global batch: (description, settings)."""
+    """Changes to try, cheapest first, each keeping the global batch: (description, settings). Gradient
+    checkpointing; then smaller micro-batches with more accumulation at the configured ZeRO stage; then ZeRO-3
+    (with smaller micro-batches); then ZeRO-3 with optimizer and parameters offloaded to host memory."""
     s = result["settings"]
     tries: list[tuple[str, dict]] = []
-    if not s["gradient_checkpointing"]:
-        tries.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}))
     base = {"gradient_checkpointing": True}
+    if not s["gradient_checkpointing"]:
+        tries.append(("train.gradient_checkpointing=true", dict(base)))
+
+    def halvings(settings: dict, prefix: str) -> None:
+        micro, accum = s["micro_batch_size"], s["grad_accum"]
+        while micro > 1:
+            micro, accum = micro // 2, accum * 2
+            tries.append((f"{prefix}train.micro_batch_size={micro} train.grad_accum={accum}",
+                          {**settings, "micro_batch_size": micro, "grad_accum": accum}))
+
+    halvings(base, "")
     if s["zero_stage"] < 3 and not s["offload_optimizer"]:
-        tries.append(("train.zero_stage=3 (configs/deepspeed/zero3.json)", {**base, "zero_stage": 3}))
-        base = {**base, "zero_stage": 3}
-    micro, accum = s["micro_batch_size"], s["grad_accum"]
-    while micro > 1:
-        micro, accum = micro // 2, accum * 2
-        tries.append((f"train.micro_batch_size={micro} train.grad_accum={accum}",
-                      {**base, "micro_batch_size": micro, "grad_accum": accum}))
-    offload = {**base, "zero_stage": 3, "micro_batch_size": 1, "grad_accum": s["micro_batch_size"] * s["grad_accum"]}
-    tries.append(("train.deepspeed_config=configs/deepspeed/zero3_offload.json train.micro_batch_size=1 "
-                  f"train.grad_accum={offload['grad_accum']} (optimizer and parameters in host memory)",
-                  {**offload, "offload_optimizer": True, "offload_params": True}))
+        zero3 = {**base, "zero_stage": 3}
+        tries.append(("train.zero_stage=3 (configs/deepspeed/zero3.json)", zero3))
+        halvings(zero3, "train.zero_stage=3 ")
+    accum = s["micro_batch_size"] * s["grad_accum"]
+    tries.append((f"train.deepspeed_config=configs/deepspeed/zero3_offload.json train.micro_batch_size=1 "
+                  f"train.grad_accum={accum} (optimizer and parameters in host memory)",
+                  {**base, "zero_stage": 3, "micro_batch_size": 1, "grad_accum": accum, "offload_optimizer": True,
+                   "offload_params": True}))
     return tries
 
 
