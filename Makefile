@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test install clean readme lock
+.PHONY: demo bases test install clean readme lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/llava-pipeline run --config configs/tiny-demo.yaml
+
+# Rebuild the demo's pretrained tiny CLIP + tiny LLaMA into assets/tiny-bases/ (with manifest.json); see docs/demo.md.
+bases: $(STAMP)
+	$(BIN)/llava-pipeline run --config configs/tiny-bases.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

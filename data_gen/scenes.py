@@ -24,6 +24,7 @@ from llava.io import atomic_path
 
 MIN_CANVAS = 32
 SHARD_PATTERN = "pairs-%05d.tar"
+BACKGROUNDS = (190, 250)  # the gray shades of training backgrounds (both ends included)
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,11 @@ class Scene:
     shapes: tuple[PlacedShape, ...]
 
 
-def sample_scene(rng: random.Random, canvas: int) -> Scene:
+def sample_scene(rng: random.Random, canvas: int, background: tuple[int, int] = BACKGROUNDS) -> Scene:
     """1–3 shapes whose boxes keep a gap of at least `gap` pixels and that all have a position word (their centres
     avoid the lines between thirds; see world.position_word), so every caption and answer can place every shape."""
     gap = max(1, canvas // 32)
-    background = rng.randint(190, 250)
+    background = rng.randint(*background)  # a gray shade (out-of-distribution test images use other shades)
     count = rng.randint(1, 3)
     while True:  # a full canvas is rare; start the scene over (still deterministic in rng)
         placed: list[PlacedShape] = []
@@ -168,7 +169,8 @@ def _caption_relation(objects: list[SceneObject], background: str, rng: random.R
 
 
 def render_scenes(out_dir: str | os.PathLike, num: int, seed: int = 0, size: int = 64, shards_per: int = 1000,
-                  captions_per_image: int = 3, prefix: str = "scene") -> dict:
+                  captions_per_image: int = 3, prefix: str = "scene",
+                  background: tuple[int, int] = BACKGROUNDS) -> dict:
     """Write out_dir/images/*.png, out_dir/captions.jsonl (image paths relative to out_dir/images) and
     out_dir/shards/pairs-%05d.tar (one sample per image: png, txt = one of its captions, json = {"id"}).
 
@@ -188,7 +190,7 @@ def render_scenes(out_dir: str | os.PathLike, num: int, seed: int = 0, size: int
     shard_paths: list[Path] = []
     for index in range(num):
         rng = random.Random(f"{seed}:{index}")
-        scene = sample_scene(rng, size)
+        scene = sample_scene(rng, size, background)
         captions = scene_captions(scene, size, rng, captions_per_image)
         record_id = f"{prefix}_{index:06d}"
         buffer = io.BytesIO()

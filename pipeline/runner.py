@@ -264,6 +264,11 @@ class EvalSection:
     max_new_tokens: int = 64
     limit: int | None = None
     conv_mode: str | None = None
+    # Also score what memorised pixels or wording cannot explain (needs the scenes stage's held-out scenes): the
+    # questions reworded by the evaluation-only paraphrases, the held-out scenes redrawn on background shades no
+    # training image has, and CHAIR object hallucination of the open answers.
+    robustness: bool = False
+    unseen_backgrounds: list = field(default_factory=lambda: [120, 180])  # gray shades; training scenes: 190-250
 
 
 @dataclass
@@ -505,6 +510,7 @@ def plan_eval(run: Run, cfg: EvalSection) -> Plan:
             image_folder = run.output("scenes", "heldout_image_folder", needed_by="eval", setting="image_folder")
     settings = {**to_dict(cfg), "model": model, "question_file": question_file, "image_folder": image_folder}
     outside = [p for p in (cfg.model, cfg.question_file, cfg.image_folder) if p]
+    heldout = run.output("scenes", "heldout_captions", needed_by="eval.robustness") if cfg.robustness else None
 
     def execute() -> dict:
         from pipeline.evaluate import evaluate_model, format_score_table, read_questions
@@ -528,9 +534,53 @@ def plan_eval(run: Run, cfg: EvalSection) -> Plan:
             outputs.update(scores=str(out / "scores.json"), accuracy=scores["overall"]["accuracy"],
                            chance=scores["overall"]["chance"],
                            by_category={k: v["accuracy"] for k, v in scores["categories"].items()})
+        if heldout:
+            descriptions = [(questions[str(row["question_id"])].image, row["text"]) for row in open_answers]
+            outputs["robustness"] = robustness_checks(run, cfg, loaded, heldout, descriptions, out)
         return outputs
 
     return Plan(settings, execute, inputs=outside)
+
+
+def robustness_checks(run: Run, cfg: EvalSection, loaded, heldout_captions: str,
+                      descriptions: list[tuple[str, str]], out: Path) -> dict:
+    """Held-out accuracy on (a) the held-out scenes redrawn on unseen background shades (same scenes and questions:
+    the scene seed fixes everything but the shade) and (b) the questions reworded by the evaluation-only
+    paraphrases (data_gen/prompts/eval_paraphrases.json); (c) CHAIR-i/-s of the open answers."""
+    from data_gen.hallucination import ChairVocabulary, chair_scores, image_objects
+    from data_gen.paraphrases import make_paraphrase_file
+    from data_gen.records import read_captions
+    from data_gen.scenes import render_scenes
+    from data_gen.vqa import make_question_file
+    from pipeline.evaluate import evaluate_model, format_score_table
+
+    scenes = bind(ScenesSection, run.config.scenes or {}, "scenes")
+    generate = bind(GenerateSection, run.config.generate or {}, "generate")
+    seed, per_image = generate.seed, generate.questions_per_image
+    records, _ = read_captions(heldout_captions)
+    redrawn = render_scenes(out / "unseen_backgrounds", len(records), seed=scenes.seed + 1,  # plan_scenes' seed
+                            size=scenes.size, prefix="heldout", background=tuple(cfg.unseen_backgrounds))
+    make_question_file(redrawn["captions"], out / "unseen_backgrounds.jsonl", seed=seed, per_image=per_image,
+                       open_every=0)
+    make_paraphrase_file(heldout_captions, out / "paraphrases.jsonl", seed=seed, per_image=per_image)
+    results = {}
+    for name, question_file, folder in (
+            ("unseen_backgrounds", out / "unseen_backgrounds.jsonl", redrawn["image_folder"]),
+            ("paraphrases", out / "paraphrases.jsonl", str(Path(heldout_captions).parent / "images"))):
+        _, scores = evaluate_model(loaded, question_file, folder, out / f"answers_{name}.jsonl",
+                                   batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                                   template_name=cfg.conv_mode)
+        run.log(f"[eval] {name}:\n" + format_score_table(scores))
+        results[name] = {"accuracy": scores["overall"]["accuracy"],
+                         "by_category": {k: v["accuracy"] for k, v in scores["categories"].items()}}
+    vocabulary = ChairVocabulary.scene()
+    chair = chair_scores(descriptions, image_objects(records, vocabulary), vocabulary)
+    run.log(f"[eval] object hallucination of {chair['descriptions']} open answers: CHAIR-i {chair['chair_i']:.3f} "
+            f"({chair['hallucinated_mentions']} of {chair['mentions']} objects named are not in the image), "
+            f"CHAIR-s {chair['chair_s']:.3f}")
+    results["chair"] = {k: v for k, v in chair.items() if k != "per_description"}
+    atomic_write_json(out / "robustness.json", results)
+    return results
 
 
 def print_chat_example(run: Run, cfg: ChatExample) -> None:

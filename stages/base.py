@@ -12,7 +12,15 @@ The offline demo has no pretrained CLIP or LLaMA, so this stage builds tiny ones
    (`clip/open_clip_config.json` + `clip/open_clip_model.safetensors`), which `ModelSpec.vision_tower`
    and `open_clip.create_model("local-dir:...")` both load;
 3. a tiny LLaMA pretrained as a language model on the same text (captions, and the instruction conversations rendered
-   with the chat template, images left out), saved as a Hugging Face directory `llm/` with its `tokenizer.model`.
+   with the chat template, images left out) and, with `corpus`, on scenes written as text followed by questions about
+   them (data_gen.corpus), which teaches it to read facts from its context as a pretrained LLM does; saved as a Hugging
+   Face directory `llm/` with its `tokenizer.model`. A text-only probe (`probe`: held-out scenes as text, one
+   short-answer question each, greedy answer, exact match) measures that reading ability every `lm.train.eval_every`
+   steps and at the end.
+
+With `ship_to`, the finished models are also copied there in the layout the demo starts from (`clip/` in open_clip's
+local-dir layout, `llama/` in Hugging Face's) with a `manifest.json`: sha256 of every file, the config, the seed, the
+command, the commit, the probe numbers. `make bases` runs configs/tiny-bases.yaml, which ships assets/tiny-bases/.
 
 Both trainings run on the shared trainer (stages/trainer.py), so checkpoints, resume, metrics and `--nproc` work as in
 the real stages. Real runs skip this stage and point `model.llm` / `model.vision_tower` at real checkpoints.
@@ -34,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from data_gen.corpus import CorpusSpec
 from stages.config import ConfigError
 from stages import common
 from stages.trainer import TrainConfig
@@ -54,6 +63,9 @@ TRAIN_SECTIONS = {
 @dataclass
 class TokenizerSpec:
     vocab_size: int = 1000  # an upper bound: SentencePiece stops earlier when the text has fewer pieces
+    # > 0: train on every k-th text so that at most this many are read (the corpus repeats its wording; a sample
+    # gives the same pieces at a fraction of the time). 0: all texts.
+    max_texts: int = 0
 
 
 @dataclass
@@ -94,6 +106,13 @@ class LMSpec:
 
 
 @dataclass
+class ProbeSpec:
+    """The text-only reading probe: `questions` held-out scenes written as text, one short question each."""
+    questions: int = 0  # 0: no probe
+    seed: int = 1  # scenes of the probe stream (data_gen.corpus.probe_questions), not of the corpus
+
+
+@dataclass
 class BaseConfig:
     output_dir: str
     captions: str  # captions JSONL: {"id", "image", "captions": [...], ...} per line (as `llava-pipeline scenes`)
@@ -103,6 +122,9 @@ class BaseConfig:
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     clip: ClipSpec = field(default_factory=ClipSpec)
     lm: LMSpec = field(default_factory=LMSpec)
+    corpus: CorpusSpec | None = None  # scenes as text + questions for the LLM (data_gen.corpus); None: none
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
+    ship_to: str | None = None  # also copy the models here with a manifest (the demo's assets/tiny-bases)
 
 
 SCHEMA = BaseConfig  # what `--config` binds to; TRAIN_SECTIONS gives its train defaults
@@ -172,14 +194,16 @@ def _without_image_tags(conversation: list[dict]) -> list[dict]:
     return [{**turn, "value": turn["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()} for turn in conversation]
 
 
-def tokenizer_corpus(captions: list[dict], conversations: list[list[dict]], template: str) -> list[str]:
-    """Every text the models will see: captions and rendered conversations (roles, system prompt; no image tags)."""
+def tokenizer_corpus(captions: list[dict], conversations: list[list[dict]], template: str,
+                     texts: list[str] = ()) -> list[str]:
+    """Every text the models will see: captions, plain `texts` and rendered conversations (roles, system prompt; no
+    image tags)."""
     from llava.conversation import get_template
 
     render = get_template(template).render
-    texts = [caption for record in captions for caption in record["captions"]]
-    texts += [render(_without_image_tags(c)).replace("</s>", "\n") for c in conversations]
-    return texts
+    out = [caption for record in captions for caption in record["captions"]] + list(texts)
+    out += [render(_without_image_tags(c)).replace("</s>", "\n") for c in conversations]
+    return out
 
 
 # ---- CLIP ----------------------------------------------------------------------------------------------------------
@@ -337,13 +361,15 @@ def train_clip(cfg: BaseConfig, records: list[dict], tokenizer, out: Path) -> di
 
 # ---- language model ------------------------------------------------------------------------------------------------
 
-def lm_documents(captions: list[dict], conversations: list[list[dict]], tokenizer, template: str) -> list[list[int]]:
-    """Token ids of every text: captions as `<s> caption </s>`, conversations exactly as stage 2 tokenizes them
-    (same template, same `</s>` after answers) with the image placeholder left out."""
+def lm_documents(captions: list[dict], conversations: list[list[dict]], tokenizer, template: str,
+                 texts: list[str] = ()) -> list[list[int]]:
+    """Token ids of every text: captions and plain `texts` as `<s> text </s>`, conversations exactly as stage 2
+    tokenizes them (same template, same `</s>` after answers) with the image placeholder left out."""
     from llava.constants import IMAGE_TOKEN_INDEX
     from llava.conversation import tokenize_conversation
 
     docs = [tokenizer.encode(caption, bos=True, eos=True) for record in captions for caption in record["captions"]]
+    docs += [tokenizer.encode(text, bos=True, eos=True) for text in texts]
     for conversation in conversations:
         ids, _ = tokenize_conversation(conversation, tokenizer, template)
         docs.append([t for t in ids if t != IMAGE_TOKEN_INDEX])
@@ -382,7 +408,28 @@ class NextTokenObjective(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
+def text_probe(llm: nn.Module, tokenizer, questions: list[dict], template: str, batch_size: int = 50) -> dict:
+    """Reading from context, without images: each held-out scene as text, then one short-answer question; the greedy
+    answer must equal the reference (case and a final period aside). {"probe": overall, "probe_<category>": ...}."""
+    from llava.conversation import tokenize_conversation
+    from llava.generate import GenerationConfig, generate
+
+    prompts = [tokenize_conversation([{"from": "human", "value": f"{q['scene']}\n{q['question']}"}], tokenizer,
+                                     template, add_generation_prompt=True)[0] for q in questions]
+    answers = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            answers += generate(llm, prompts[start:start + batch_size], config=GenerationConfig(max_new_tokens=6))
+    right: dict[str, list[bool]] = {}
+    for question, ids in zip(questions, answers):
+        said = tokenizer.decode(ids).strip().lower().rstrip(".").strip()
+        right.setdefault(question["category"], []).append(said == question["answer"].lower())
+    scores = {f"probe_{c}": sum(v) / len(v) for c, v in sorted(right.items())}
+    return {"probe": sum(sum(v) for v in right.values()) / max(1, len(questions)), **scores}
+
+
 def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) -> dict:
+    from data_gen.corpus import probe_questions
     from llava.model.llama import Llama, LlamaConfig
     from stages.trainer import Trainer
 
@@ -392,7 +439,17 @@ def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) 
     config = LlamaConfig.from_name(spec.preset, **shape, vocab_size=tokenizer.vocab_size,
                                    max_seq_len=spec.max_seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     llm = Llama(config).init_weights(seed=cfg.seed)
-    trainer = Trainer(spec.train, NextTokenObjective(llm), PackedText(documents, spec.block_size + 1, cfg.seed))
+    questions = probe_questions(cfg.probe.questions, cfg.probe.seed) if cfg.probe.questions else []
+    curve: list[dict] = []
+
+    def probe(objective: nn.Module, step: int) -> dict:
+        scores = text_probe(objective.llm, tokenizer, questions, spec.template)
+        curve.append({"step": step, **scores})
+        common.log(f"[base] text probe at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return scores
+
+    trainer = Trainer(spec.train, NextTokenObjective(llm), PackedText(documents, spec.block_size + 1, cfg.seed),
+                      eval_fn=probe if questions else None)
     result = trainer.fit()
     state = trainer.state_dict(lambda name: name.startswith("llm."))
     if common.is_main():
@@ -404,7 +461,7 @@ def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) 
         trained.save_hf(out)
         (out / TOKENIZER_FILE).write_bytes(tokenizer.model_file.read_bytes())
     common.barrier()
-    return result.metrics
+    return {**result.metrics, "probe_curve": curve}
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
@@ -423,10 +480,18 @@ def run(cfg: BaseConfig) -> dict:
     started = time.perf_counter()
     records = read_captions(Path(cfg.captions))
     conversations = read_conversations(cfg.instruct_data)
+    texts: list[str] = []
+    if cfg.corpus is not None:
+        from data_gen.corpus import documents
+
+        corpus_conversations, texts = documents(cfg.corpus)
+        conversations += corpus_conversations
     tokenizer_file = out / TOKENIZER_FILE
     if common.is_main():
-        Tokenizer.train(tokenizer_corpus(records, conversations, cfg.lm.template), tokenizer_file,
-                        vocab_size=cfg.tokenizer.vocab_size)
+        corpus = tokenizer_corpus(records, conversations, cfg.lm.template, texts)
+        if cfg.tokenizer.max_texts:
+            corpus = corpus[::math.ceil(len(corpus) / cfg.tokenizer.max_texts)]
+        Tokenizer.train(corpus, tokenizer_file, vocab_size=cfg.tokenizer.vocab_size)
     common.barrier()
     tokenizer = Tokenizer(tokenizer_file)
     timings["tokenizer_s"] = time.perf_counter() - started
@@ -438,12 +503,82 @@ def run(cfg: BaseConfig) -> dict:
     timings["clip_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    documents = lm_documents(records, conversations, tokenizer, cfg.lm.template)
+    documents = lm_documents(records, conversations, tokenizer, cfg.lm.template, texts)
+    common.log(f"[base] LM corpus: {len(documents)} documents, {sum(map(len, documents))} tokens")
     lm_metrics = train_lm(cfg, documents, tokenizer, out / LLM_DIR)
     timings["lm_s"] = time.perf_counter() - started
     common.log("[base] " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    if cfg.ship_to and common.is_main():
+        ship(cfg, out, Path(cfg.ship_to), {"clip": clip_metrics, "lm": lm_metrics, "seconds": timings})
+    common.barrier()
     return {"tokenizer": str(tokenizer_file), "vision_tower": str(out / CLIP_DIR), "llm": str(out / LLM_DIR),
             "clip_metrics": clip_metrics, "lm_metrics": lm_metrics, "seconds": timings}
+
+
+# ---- shipping the bases -------------------------------------------------------------------------------------------
+
+SHIPPED = {CLIP_DIR: ("clip", (common.OPEN_CLIP_CONFIG, "open_clip_model.safetensors")),
+           LLM_DIR: ("llama", ("config.json", "model.safetensors", TOKENIZER_FILE))}
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def ship(cfg: BaseConfig, built: Path, dest: Path, metrics: dict) -> None:
+    """Copy the models into `dest` (clip/, llama/) and write `dest/manifest.json` last (its presence marks a complete
+    set): sha256 and size of every file, the resolved config, seed, command, commit and the probe numbers."""
+    import shutil
+    import sys
+
+    from llava.io import atomic_path, atomic_write_json
+    from stages.config import to_dict
+
+    (dest / MANIFEST).unlink(missing_ok=True)
+    files = {}
+    for source, (target, names) in SHIPPED.items():
+        (dest / target).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            with atomic_path(dest / target / name) as tmp:
+                shutil.copyfile(built / source / name, tmp)
+            files[f"{target}/{name}"] = {"sha256": sha256(dest / target / name),
+                                         "bytes": (dest / target / name).stat().st_size}
+    lm = metrics["lm"]
+    final_probe = {k: v for k, v in (lm["probe_curve"][-1] if lm.get("probe_curve") else {}).items() if k != "step"}
+    atomic_write_json(dest / MANIFEST, {
+        "files": files, "seed": cfg.seed, "config": to_dict(cfg), "command": "make bases (" + " ".join(sys.argv) + ")",
+        "commit": _commit(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "text_probe": final_probe,
+        "text_probe_curve": lm.get("probe_curve", []), "seconds": metrics["seconds"],
+        "clip_final_loss": metrics["clip"].get("loss"), "lm_final_loss": lm.get("loss")})
+    common.log(f"[base] shipped {len(files)} files to {dest} (manifest {dest / MANIFEST})")
+
+
+def check_manifest(dest: Path) -> dict:
+    """The manifest of shipped bases, after checking every file's sha256 (a ValueError names the first that
+    differs or is missing)."""
+    manifest = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
+    for name, entry in manifest["files"].items():
+        path = dest / name
+        if not path.is_file():
+            raise ValueError(f"{dest / MANIFEST}: {name} is missing; rebuild the bases with `make bases`")
+        if sha256(path) != entry["sha256"]:
+            raise ValueError(f"{dest / MANIFEST}: {name} has another sha256 than the manifest's; rebuild the bases "
+                             "with `make bases` or restore the file")
+    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,128 @@
+"""The tiny LLM's pretraining text: scenes of the scene world written as text, each followed by what a reader of the
+scene can say about it.
+
+LLaVA starts from an LLM that already reads facts from its context; the tiny demo's LLM has to learn that here, from
+the scene world alone (no image is rendered: scenes are sampled and written out). A document is a scene as text in
+place of the image, then either
+- short-answer questions about it (every category of data_gen.vqa, in its templates and in the extra phrasings of
+  data_gen.paraphrases.CORPUS_TEMPLATES), in the chat template stage 2 uses;
+- a conversation, a detailed description or a reasoning answer of the offline generator (data_gen.offline);
+- a caption (data_gen.scenes' phrasings), after the scene as plain text, as stage 1 reads an image then its caption.
+The scenes are drawn from their own seed stream ("corpus"), so they are not the demo's training or held-out scenes.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from data_gen import world
+from data_gen.offline import OfflineBackend
+from data_gen.paraphrases import CORPUS_TEMPLATES, rephrase
+from data_gen.prompting import stable_rng
+from data_gen.records import Box, CaptionRecord
+from data_gen.scenes import sample_scene, scene_captions
+from data_gen.vqa import CATEGORIES, SHORT_ANSWER_SUFFIX, ask
+from data_gen.world import Vocabulary
+
+SCENE_PREFIX = "Objects: "
+LONG_TYPES = ("conversation", "detail", "reasoning")
+
+
+@dataclass
+class CorpusSpec:
+    scenes: int = 20000  # scenes written as text
+    seed: int = 0
+    canvas: int = 64  # the pixel grid scenes are sampled on (positions are as in rendered scenes of this size)
+    short_answers: tuple[int, int] = (6, 10)  # questions per short-answer document
+    long_fraction: float = 0.3  # share of scenes that also get one offline conversation/detail/reasoning document
+    caption_fraction: float = 0.5  # share of scenes that also get a caption document
+    paraphrase_fraction: float = 0.3  # share of short-answer questions asked in a CORPUS_TEMPLATES phrasing
+
+
+def scene_record(seed: int, index: int, canvas: int) -> CaptionRecord:
+    """Scene `index` of the corpus stream as a caption record (no image): boxes and three captions."""
+    rng = random.Random(f"corpus:{seed}:{index}")
+    scene = sample_scene(rng, canvas)
+    boxes = tuple(Box(s.label, s.bbox(canvas)) for s in scene.shapes)
+    return CaptionRecord(f"corpus_{index:07d}", "", tuple(scene_captions(scene, canvas, rng)), boxes)
+
+
+def scene_as_text(record: CaptionRecord, rng: random.Random) -> str:
+    """"Objects: large red triangle in the bottom left corner; small blue circle at the top center." in a random
+    order, so that the reader must find an object by what it is, not by where it is listed."""
+    objects = world.read_objects(record.boxes)
+    rng.shuffle(objects)
+    return SCENE_PREFIX + "; ".join(f"{o.label} {o.location}" for o in objects) + "."
+
+
+def short_answer_questions(record: CaptionRecord, rng: random.Random, wanted: int,
+                           paraphrase_fraction: float) -> list[dict]:
+    """Up to `wanted` distinct-fact short-answer turns (exist answers alternate), some in corpus phrasings."""
+    vocabulary = Vocabulary()
+    turns, facts, want_yes = [], set(), rng.random() < 0.5
+    for _ in range(6 * wanted):
+        if len(turns) == wanted:
+            break
+        category = rng.choice(CATEGORIES)
+        question = ask(category, record, vocabulary, rng, want_yes)
+        if category == "exist":
+            want_yes = not want_yes
+        if question is None or question.fact in facts:
+            continue
+        facts.add(question.fact)
+        if rng.random() < paraphrase_fraction:
+            question = rephrase(question, CORPUS_TEMPLATES, rng)
+        turns.append({"question": question.text, "answer": question.answer})
+    return turns
+
+
+def _conversation(scene: str, turns: list[dict]) -> list[dict]:
+    out = []
+    for k, turn in enumerate(turns):
+        question = f"{scene}\n{turn['question']}" if k == 0 else turn["question"]
+        out += [{"from": "human", "value": question}, {"from": "gpt", "value": turn["answer"]}]
+    return out
+
+
+def documents(spec: CorpusSpec) -> tuple[list[list[dict]], list[str]]:
+    """(conversations in LLaVA's format with the scene as text in place of `<image>`, plain texts: scene then
+    caption). Depends only on `spec`: the same spec gives the same corpus."""
+    backend = OfflineBackend(Vocabulary(), seed=spec.seed)
+    low, high = spec.short_answers
+    conversations: list[list[dict]] = []
+    texts: list[str] = []
+    for index in range(spec.scenes):
+        record = scene_record(spec.seed, index, spec.canvas)
+        rng = stable_rng(spec.seed, record.id, "corpus")
+        turns = short_answer_questions(record, rng, rng.randint(low, high), spec.paraphrase_fraction)
+        if turns:
+            conversations.append(_conversation(scene_as_text(record, rng), turns))
+        if rng.random() < spec.long_fraction:
+            turns = backend.generate(record, rng.choice(LONG_TYPES))
+            if turns:
+                conversations.append(_conversation(scene_as_text(record, rng), turns))
+        if rng.random() < spec.caption_fraction:
+            texts.append(f"{scene_as_text(record, rng)}\n{rng.choice(record.captions)}")
+    return conversations, texts
+
+
+def probe_questions(count: int, seed: int, canvas: int = 64) -> list[dict]:
+    """`count` held-out short-answer questions (scenes from another stream than any corpus seed's), categories
+    round-robin: {"category", "scene", "question" (with LLaVA's short-answer suffix), "answer"}."""
+    out = []
+    vocabulary = Vocabulary()
+    index, want_yes = 0, True
+    while len(out) < count:
+        rng = random.Random(f"probe:{seed}:{index}")
+        record = CaptionRecord(f"probe_{index}", "", (), tuple(
+            Box(s.label, s.bbox(canvas)) for s in sample_scene(rng, canvas).shapes))
+        category = CATEGORIES[len(out) % len(CATEGORIES)]
+        question = ask(category, record, vocabulary, rng, want_yes)
+        index += 1
+        if question is None:
+            continue
+        if category == "exist":
+            want_yes = not want_yes
+        out.append({"category": category, "scene": scene_as_text(record, rng), "question": question.text,
+                    "answer": question.answer})
+    return out
