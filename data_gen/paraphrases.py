@@ -4,7 +4,7 @@ Two template sets use this, kept apart on purpose:
 - `CORPUS_TEMPLATES` (here) add phrasings to the tiny LLM's pretraining text (data_gen.corpus), so that the LLM
   learns to read a question rather than match one wording;
 - `data_gen/prompts/eval_paraphrases.json` is written only for evaluation: its wordings appear in no training text
-  (neither data_gen.vqa's templates nor the corpus's; tests/stages/test_bases_corpus.py checks it), so a score on them
+  (neither data_gen.vqa's templates nor the corpus's; tests/stages/test_bases_recipe.py checks it), so a score on them
   cannot come from memorised wording.
 """
 from __future__ import annotations

@@ -75,3 +75,26 @@ def test_probe_questions_go_round_robin_and_name_what_the_scene_text_says():
     for q in questions:  # a colour or shape answer is a word of the scene text: the probe asks for reading
         if q["category"] in ("color", "shape"):
             assert q["answer"] in q["scene"]
+
+
+def test_no_training_question_is_worded_like_an_evaluation_paraphrase():
+    """Every eval-only template, as a pattern, against every question of the corpus and of the generator's
+    short-answer training data on 300 scenes: none matches, so a paraphrase score cannot come from seen wording."""
+    import re
+
+    from data_gen.corpus import CorpusSpec, documents, scene_record
+    from data_gen.paraphrases import eval_templates
+    from data_gen.vqa import SHORT_ANSWER_SUFFIX, short_answer_turns
+    from data_gen.world import Vocabulary
+
+    conversations, _ = documents(CorpusSpec(scenes=300, seed=4, paraphrase_fraction=0.5))
+    asked = {turn["value"].split("\n")[-2] if "\n" in turn["value"] else turn["value"]
+             for c in conversations for turn in c if turn["from"] == "human" and SHORT_ANSWER_SUFFIX in turn["value"]}
+    for index in range(300):
+        asked.update(t["question"].removesuffix(SHORT_ANSWER_SUFFIX)
+                     for t in short_answer_turns(scene_record(4, index, 64), Vocabulary(), turns=(8, 10)))
+    assert len(asked) > 500
+    for kind, templates in eval_templates().items():
+        for template in templates:
+            pattern = re.compile(".+".join(map(re.escape, re.split(r"\{\w+\}", template))))
+            assert not [q for q in asked if pattern.fullmatch(q)], (kind, template)
