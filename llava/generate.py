@@ -301,17 +301,16 @@ class DecodeRow:
 class BatchDecoder:
     """Generation step by step for a set of rows that changes between steps (continuous batching).
 
-    `add()` prefills one prompt on its own and merges its KV cache into the running batch; `step()` picks one token
-    for every row and runs one forward pass for all of them; finished rows (and rows given to `remove()`) leave. Each
-    row keeps its own settings (temperature, top-p, seed, stop strings, max tokens), so requests with different
-    settings share forward passes.
+    `add()` prefills the prompts that arrived since the last step in one forward pass and merges their KV cache into
+    the running batch; `step()` picks one token for every row and runs one forward pass for all of them; finished
+    rows (and rows given to `remove()`) leave. Each row keeps its own settings (temperature, top-p, seed, stop
+    strings, max tokens), so requests with different settings share forward passes.
 
     Cache layout: every row is `[virtual tokens][left padding][real tokens]` and all rows share one length; the
-    attention mask marks the padding and rotary positions count real tokens only, so a row's numbers do not depend
-    on how much padding the batch gives it. Prefilling alone makes a prompt's first token the same as in `generate`
-    with one prompt; while no row is padded no mask is passed at all (the same kernels as a single sequence). The
-    cache is rebuilt only when rows join or leave (one copy of it, about the memory traffic of one decode step), and
-    then loses the leading columns that are padding for every remaining row.
+    attention mask marks the padding and rotary positions count real tokens only, as in `generate`'s batches, so a
+    row gets what it gets alone. While no row is padded no mask is passed at all (a single sequence runs the same
+    kernels as in `generate`). The cache is rebuilt only when rows join or leave (one copy of it, about the memory
+    traffic of one decode step), and then loses the leading columns that are padding for every remaining row.
 
     Needs `llava.model.Llama` (its KVCache); single-threaded: one owner calls add/step/remove.
     """
@@ -331,11 +330,49 @@ class BatchDecoder:
         return len(self.rows)
 
     @torch.no_grad()
-    def add(self, inputs_embeds: torch.Tensor, config: GenerationConfig, on_text: Callable[[str], None] | None = None,
-            key=None) -> DecodeRow:
-        """Prefill one prompt (`[T, dim]` embeddings) and join it to the batch; its first token comes at `step()`."""
+    def add(self, inputs_embeds: Sequence[torch.Tensor], configs: Sequence[GenerationConfig],
+            on_text: Sequence[Callable[[str], None] | None] | None = None, keys: Sequence | None = None
+            ) -> list[DecodeRow]:
+        """Prefill prompts (`[T_i, dim]` embeddings each) in one forward pass and join them to the batch.
+
+        Their first tokens come at the next `step()`. `on_text[i]` receives prompt i's text as it becomes final;
+        `keys[i]` is kept on its row for the caller.
+        """
+        n = len(inputs_embeds)
+        on_text, keys = on_text or [None] * n, keys or [None] * n
+        if not n or not len(configs) == len(on_text) == len(keys) == n:
+            raise ValueError(f"BatchDecoder.add: {n} prompts need as many configs ({len(configs)}), on_text "
+                             f"({len(on_text)}) and keys ({len(keys)})")
+        rows = [self._new_row(e, c, t, k) for e, c, t, k in zip(inputs_embeds, configs, on_text, keys)]
+        lengths = [e.shape[0] for e in inputs_embeds]
+        longest = max(lengths)
+        embeds = inputs_embeds[0].new_zeros(n, longest, inputs_embeds[0].shape[-1], device=self.device)
+        mask = torch.zeros(n, longest, dtype=torch.bool, device=self.device)
+        for i, e in enumerate(inputs_embeds):  # left padding, as `generate` pads a batch
+            embeds[i, longest - e.shape[0]:] = e
+            mask[i, longest - e.shape[0]:] = True
+        cache = self.model.new_cache(n, longest)
+        logits = self.model(inputs_embeds=embeds, attention_mask=None if bool(mask.all()) else mask, cache=cache,
+                            last_only=True)[:, -1]
+        for row in rows:
+            if row.config.repetition_penalty != 1.0:
+                row.seen = torch.zeros_like(logits[:1], dtype=torch.bool)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.logits = rows, cache, mask, logits
+            return rows
+        columns = max(self.mask.shape[1], longest)
+        merged = self._new_cache(len(self.rows) + n, columns)
+        self._copy_rows(merged, 0, self.cache, torch.arange(len(self.rows), device=self.device), self.mask.shape[1],
+                        columns)
+        self._copy_rows(merged, len(self.rows), cache, torch.arange(n, device=self.device), longest, columns)
+        self.mask = torch.cat((_left_pad(self.mask, columns), _left_pad(mask, columns)))
+        self.rows, self.cache, self.logits = self.rows + rows, merged, torch.cat((self.logits, logits))
+        return rows
+
+    def _new_row(self, inputs_embeds: torch.Tensor, config: GenerationConfig, on_text, key) -> DecodeRow:
         if inputs_embeds.ndim != 2 or inputs_embeds.shape[0] == 0:
-            raise ValueError(f"BatchDecoder.add: inputs_embeds must be [tokens > 0, dim], got {tuple(inputs_embeds.shape)}")
+            raise ValueError(f"BatchDecoder.add: each prompt must be [tokens > 0, dim], got "
+                             f"{tuple(inputs_embeds.shape)}")
         if config.max_new_tokens < 1:
             raise ValueError(f"BatchDecoder.add: max_new_tokens={config.max_new_tokens} must be >= 1")
         if (config.stop_strings or on_text is not None) and self.tokenizer is None:
@@ -347,24 +384,6 @@ class BatchDecoder:
         row = DecodeRow(config, stop_ids, stream, key)
         if config.seed is not None and config.temperature > 0:
             row.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-
-        length = inputs_embeds.shape[0]
-        cache = self.model.new_cache(1, length)
-        logits = self.model(inputs_embeds=inputs_embeds[None].to(self.device), cache=cache, last_only=True)[:, -1]
-        if config.repetition_penalty != 1.0:
-            row.seen = torch.zeros_like(logits, dtype=torch.bool)
-        mask = torch.ones(1, length, dtype=torch.bool, device=self.device)
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.logits = [row], cache, mask, logits
-            return row
-        columns = max(self.mask.shape[1], length)
-        merged = self._new_cache(len(self.rows) + 1, columns)
-        everyone = torch.arange(len(self.rows), device=self.device)
-        self._copy_rows(merged, 0, self.cache, everyone, self.mask.shape[1], columns)
-        self._copy_rows(merged, len(self.rows), cache, torch.zeros(1, dtype=torch.long, device=self.device), length,
-                        columns)
-        self.mask = torch.cat((_left_pad(self.mask, columns), _left_pad(mask, columns)))
-        self.rows, self.cache, self.logits = self.rows + [row], merged, torch.cat((self.logits, logits))
         return row
 
     @torch.no_grad()
@@ -437,9 +456,11 @@ class BatchDecoder:
         min(src_columns, dst_columns) real columns right-aligned."""
         nv, n = self.n_virtual, min(src_columns, dst_columns)
         rows = slice(dst_start, dst_start + len(src_index))
+        every_row = len(src_index) == src.keys[0].shape[0] and bool((src_index == torch.arange(
+            len(src_index), device=src_index.device)).all())  # then copy straight from src, without a gather
         for buffers_dst, buffers_src in ((dst.keys, src.keys), (dst.values, src.values)):
             for d, s in zip(buffers_dst, buffers_src):
-                s = s[src_index]
+                s = s if every_row else s[src_index]
                 d[rows, :, :nv] = s[:, :, :nv]
                 d[rows, :, nv + dst_columns - n:nv + dst_columns] = s[:, :, nv + src_columns - n:nv + src_columns]
 

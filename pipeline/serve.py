@@ -24,15 +24,16 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from pipeline.serve_requests import APIError, ChatRequest, ImageLimits, bad_request, parse_body, parse_chat_request
@@ -115,12 +116,20 @@ def create_app(loaded, settings: ServeSettings):
 
     engine = Engine(loaded, settings.max_batch, settings.max_queue)
     prompter = Prompter(loaded, settings.image_limits)
+    # One thread decodes images and tokenizes, off the event loop. Not a pool of many: every Python thread competes
+    # with the engine thread for the GIL, which it takes back after each of the hundreds of torch calls in a step.
+    preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-serve-prepare")
+
+    outbox = None
 
     @asynccontextmanager
     async def lifespan(_app):
+        nonlocal outbox
+        outbox = Outbox(asyncio.get_running_loop())
         engine.start()
         yield
         engine.stop()
+        preparing.shutdown()
 
     app = FastAPI(title="llava-pipeline serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -168,9 +177,10 @@ def create_app(loaded, settings: ServeSettings):
         if chat.model != settings.model_name:
             raise APIError(404, f"the model {chat.model!r} does not exist; this server serves "
                                 f"{settings.model_name!r} (GET /v1/models)", code="model_not_found", param="model")
-        ids, pixels, prompt_tokens, config = await run_in_threadpool(prompter.prepare, chat)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(ids, pixels, config, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        ids, pixels, prompt_tokens, config = await asyncio.get_running_loop().run_in_executor(
+            preparing, prompter.prepare, chat)
+        events = asyncio.Queue()
+        job = Job(ids, pixels, config, emit=lambda event: outbox.put(events, event))
         try:
             engine.submit(job)
         except QueueFull:
@@ -189,6 +199,28 @@ def create_app(loaded, settings: ServeSettings):
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+class Outbox:
+    """Hands the engine thread's events to the event loop with one wake-up for all the events of a step, instead of
+    one per token per request (each wake-up is a write to the loop's self-pipe, paid by the engine thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def put(self, queue: asyncio.Queue, event: tuple) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 async def read_body(request, limit: int) -> bytes:
@@ -237,22 +269,31 @@ class Reply:
 
 
 async def stream_events(engine, job, events: asyncio.Queue, reply: Reply):
-    """Role chunk, content deltas, the finish_reason chunk, (usage), `[DONE]`; a client that goes away cancels."""
+    """Role chunk, content deltas, the finish_reason chunk, (usage), `[DONE]`; a client that goes away cancels.
+
+    Text that piles up while the connection is busy goes out as one delta (OpenAI's deltas, too, may hold several
+    tokens), so a loaded server writes and its clients parse fewer events instead of falling further behind.
+    """
     try:
         yield reply.chunk({"role": "assistant", "content": ""})
         while True:
-            event = await events.get()
-            if event[0] == "text":
-                yield reply.chunk({"content": event[1]})
-            elif event[0] == "done":
-                yield reply.chunk({}, finish_reason=event[1])
+            waiting = [await events.get()]
+            while not events.empty():
+                waiting.append(events.get_nowait())
+            text = "".join(event[1] for event in waiting if event[0] == "text")
+            out = reply.chunk({"content": text}) if text else ""
+            last = waiting[-1]
+            if last[0] == "done":
+                out += reply.chunk({}, finish_reason=last[1])
                 if reply.include_usage:
-                    yield reply.chunk({}, usage=reply.usage(event[2]))
-                break
-            else:  # the stream has started: report the error in the stream, as OpenAI does
-                yield f"data: {json.dumps(APIError(500, event[1], type='server_error').body())}\n\n"
-                break
-        yield "data: [DONE]\n\n"
+                    out += reply.chunk({}, usage=reply.usage(last[2]))
+            elif last[0] == "error":  # the stream has started: report the error in it, as OpenAI does
+                out += f"data: {json.dumps(APIError(500, last[1], type='server_error').body())}\n\n"
+            if last[0] == "text":
+                yield out
+                continue
+            yield out + "data: [DONE]\n\n"
+            return
     finally:
         engine.cancel(job)  # a no-op once done; frees the batch slot when the client disconnected
 

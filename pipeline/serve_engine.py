@@ -2,8 +2,8 @@
 
 Requests wait in the queue (`submit` refuses when it is full, so the server can answer 429 instead of letting waits
 grow without bound). Between two decode steps the engine moves waiting requests into the batch, up to `max_batch`
-rows: each is prefilled on its own (its image encoded, its prompt run once) and joins the running rows, which do not
-wait for the batch to drain. Every step then runs one forward pass for all rows; rows that finish leave at once, and
+rows: their images go through the vision tower together, their prompts are prefilled together, and they join the
+running rows, which do not wait for the batch to drain. Every step then runs one forward pass for all rows; rows that finish leave at once, and
 rows whose client went away (`cancel`) leave before the next step, so they stop costing compute.
 
 Only this thread touches the model. Events go back to each request through the callback it brought
@@ -102,10 +102,12 @@ class Engine:
     def _step(self, joining: list[Job]) -> None:
         model = self.loaded.model
         device = next(model.parameters()).device
-        for job in joining:
-            pixels = None if job.image is None else job.image[None].to(device)
-            embeds, _ = model.prepare_inputs_embeds([torch.tensor(job.ids, device=device)], pixels)
-            self.decoder.add(embeds[0], job.config, on_text=lambda delta, job=job: job.emit(("text", delta)), key=job)
+        if joining:  # one pass of the vision tower and one prefill for all the requests that arrived
+            images = [job.image for job in joining if job.image is not None]
+            embeds, _ = model.prepare_inputs_embeds([torch.tensor(job.ids, device=device) for job in joining],
+                                                    torch.stack(images).to(device) if images else None)
+            self.decoder.add(embeds, [job.config for job in joining],
+                             [lambda delta, job=job: job.emit(("text", delta)) for job in joining], joining)
         self.peak_running = max(self.peak_running, len(self.decoder))
         gone = [row for row in self.decoder.rows if row.key.cancelled]
         if gone:

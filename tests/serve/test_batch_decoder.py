@@ -25,13 +25,15 @@ def _alone(model, ids, config):
     return generate(model, inputs_embeds=[_embeds(model, ids)], config=config)[0]
 
 
-def _run(model, arrivals, configs, steps_between=2):
-    """Add prompt i after `arrivals[i]` steps; step until all are done; return each row's ids."""
+def _run(model, arrivals, configs):
+    """Add prompt i after `arrivals[i]` steps (those arriving together in one prefill); step until all are done;
+    return each row's ids."""
     decoder, rows, step = BatchDecoder(model), {}, 0
     while len(rows) < len(arrivals) or len(decoder):
-        for i, (prompt, at) in enumerate(arrivals):
-            if at == step:
-                rows[i] = decoder.add(_embeds(model, prompt), configs[i])
+        now = [i for i, (_, at) in enumerate(arrivals) if at == step]
+        if now:
+            added = decoder.add([_embeds(model, arrivals[i][0]) for i in now], [configs[i] for i in now])
+            rows.update(zip(now, added))
         decoder.step()
         step += 1
     return [rows[i].ids for i in range(len(arrivals))], rows
@@ -71,7 +73,7 @@ def test_removed_rows_leave_and_the_rest_continue_unchanged(model):
     config = GenerationConfig(max_new_tokens=12, stop_token_ids=NEVER)
     prompts = [[1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 40], [1, 50, 51]]
     decoder = BatchDecoder(model)
-    rows = [decoder.add(_embeds(model, p), config) for p in prompts]
+    rows = decoder.add([_embeds(model, p) for p in prompts], [config] * len(prompts))
     for _ in range(3):
         decoder.step()
     decoder.remove([rows[0]])  # the longest row leaves: the others' padding columns go with it
