@@ -25,23 +25,28 @@ TRAIN = {"precision": "fp32", "num_workers": 0, "tensorboard": False, "peak_flop
 
 @pytest.fixture(scope="module")
 def stage2_config(tmp_path_factory) -> Path:
-    """A tiny stage-2 setup read from files as a real one is: LLaMA directory + tokenizer, tower weights, projector."""
+    return write_stage2_setup(tmp_path_factory.mktemp("multinode"))
+
+
+def write_stage2_setup(root: Path) -> Path:
+    """A tiny stage-2 setup read from files as a real one is (LLaMA directory + tokenizer, tower weights, projector,
+    scene instruction data); returns its instruct config file. Also used by test_bf16.py."""
     from safetensors.torch import save_file
 
     from data_gen.driver import generate
     from data_gen.scenes import render_scenes
+    from llava.conversation import get_template
     from llava.model.llama import Llama, LlamaConfig
     from llava.model.llava import LlavaConfig, LlavaModel
     from llava.model.vision import build_vision_tower
     from llava.tokenizer import Tokenizer
 
-    root = tmp_path_factory.mktemp("multinode")
     render_scenes(root / "scenes", 16, seed=0, size=32, shards_per=8)
     generate(root / "scenes" / "captions.jsonl", root / "train.json", backend="offline",
              types=["short_answer", "conversation"], progress=False, workers=1)
     samples = json.loads((root / "train.json").read_text())
-    texts = [turn["value"] for s in samples for turn in s["conversations"]]
-    tokenizer = Tokenizer.train(texts, root / "tokenizer.model", vocab_size=400)
+    texts = [get_template("vicuna_v1").render(s["conversations"]) for s in samples]
+    tokenizer = Tokenizer.train(texts, root / "tokenizer.model", vocab_size=1000)
     torch.manual_seed(0)
     llm = Llama(LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
                             vocab_size=tokenizer.vocab_size, max_seq_len=256)).init_weights(seed=0)
@@ -52,7 +57,7 @@ def stage2_config(tmp_path_factory) -> Path:
     save_file({f"visual.{k}": v.contiguous() for k, v in model.vision.visual.state_dict().items()},
               str(root / "tower.safetensors"))
     model.save_projector(root / "mm_projector.safetensors")
-    config = {"data": str(root / "train.json"), "image_folder": str(root / "scenes" / "images"), "max_len": 128,
+    config = {"data": str(root / "train.json"), "image_folder": str(root / "scenes" / "images"), "max_len": 256,
               "model": {"llm": str(root / "llm"), "vision_tower": tower,
                         "vision_weights": str(root / "tower.safetensors")},
               "projector": str(root / "mm_projector.safetensors"), "output_dir": str(root / "unused"),
@@ -106,8 +111,8 @@ def test_two_nodes_with_resume_equal_one_node_two_ranks(stage2_config, tmp_path)
     assert first["world_size"] == 2 and first["step"] == 2
     run_two_nodes(stage2_config, f"output_dir={two_nodes}", "--resume")  # new agents continue to step 4
 
-    steps = [json.loads(line)["step"] for line in (two_nodes / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    records = [json.loads(line) for line in (two_nodes / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records)
     ours, theirs = final_weights(two_nodes), final_weights(reference)
     assert set(ours) == set(theirs)
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) == 0
