@@ -161,6 +161,11 @@ def render(result: dict, setup: Setup, notes: list[str], fits: bool, sentence: s
         f"  CUDA context       {_gib(m['cuda_context']):>12}",
         f"  total              {_gib(m['need']):>12}   of {setup.gpu_mem_gib:g} GiB",
     ]
+    if m["adapter"] is not None:
+        saved = m["adapter"]
+        lines.append(f"  adapter: model states {_gib(m['model_states'])} against {_gib(saved['full_finetune_states'])}"
+                     f" for full fine-tuning; with the frozen base in NF4 (QLoRA-style, {memory.NF4_BYTES} bytes "
+                     f"per weight) {_gib(saved['nf4_base_states'])}")
     if m["host_per_node"] and (s["offload_optimizer"] or s["offload_params"]):
         lines.append(f"  host memory per node for offloaded states: {_gib(m['host_per_node'])}")
     lines.append(f"global batch: {s['micro_batch_size']} x {s['grad_accum']} x {result['ranks']} ranks = "

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 GiB = 2**30
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory
+NF4_BYTES = 0.5 + 4 / 64  # a 4-bit NormalFloat weight with one fp32 absmax per block of 64 (QLoRA, LoftQ)
 
 
 # ---- parameters ----------------------------------------------------------------------------------------------------
@@ -223,7 +224,8 @@ def block_bytes_per_token(llm: LlmShape, b: int, training: Training) -> int:
     Tensor by tensor, from llava/model/llama.py: each RMSNorm keeps its input in fp32 (bf16 path: the upcast copy;
     fp32 path: the input itself) and, with a trained weight, its normalised output; q/k/v (and gate/up) keep their
     shared input when their weight trains; SDPA keeps q, k, v, its output (laid out so that o_proj's input is a view
-    of it) and a fp32 log-sum-exp per head; SiLU keeps the gate output, the product keeps both factors, down_proj its input.
+    of it) and a fp32 log-sum-exp per head; SiLU keeps the gate output, the product keeps both factors, down_proj
+    its input.
     LoRA keeps, per wrapped projection, the dropout output and mask when dropout is on (else the projection's
     input, counted once per block input) and the rank-r intermediate.
     """
@@ -378,6 +380,18 @@ def estimate(stage: str, cfg, llava_config, setup: Setup, *, settings: dict | No
         precision=train.precision, training=training, projector_dims=projector_dims, vision=vision,
         tune_vision=tune_vision)
     buffers = int(ds["bucket_elements"] * BYTES[train.precision])
+    adapter_savings = None
+    if adapter is not None:  # against full fine-tuning of the same model, and with the frozen base in NF4
+        state_args = dict(precision=train.precision, zero_stage=ds["zero_stage"], ranks=ranks,
+                          ranks_per_node=setup.gpus, offload_optimizer=ds["offload_optimizer"],
+                          offload_params=ds["offload_params"])
+        adapter_params = counts.trainable.get("llm", 0)
+        base_llm = counts.components["llm"] - adapter_params
+        full = model_state_bytes(counts.total - adapter_params, base_llm + counts.trainable["projector"]
+                                 + counts.trainable.get("vision", 0), counts.largest_layer, **state_args)
+        holders = ranks if ds["zero_stage"] == 3 and not ds["offload_params"] else 1
+        nf4 = states.gpu - int((BYTES[train.precision] - NF4_BYTES) * base_llm / holders)
+        adapter_savings = {"full_finetune_states": full.gpu, "nf4_base_states": nf4}
     need = states.gpu + activations["peak"] + buffers + int(CUDA_CONTEXT_GIB * GiB)
     global_batch = micro * accum * ranks
 
@@ -404,7 +418,7 @@ def estimate(stage: str, cfg, llava_config, setup: Setup, *, settings: dict | No
         "ranks": ranks, "global_batch": global_batch, "seq_len": seq_len, "image_tokens": image_tokens,
         "memory": {"model_states": states.gpu, "activations": activations["peak"], "buckets": buffers,
                    "cuda_context": int(CUDA_CONTEXT_GIB * GiB), "need": need, "host_per_node": states.cpu,
-                   "activation_parts": activations},
+                   "activation_parts": activations, "adapter": adapter_savings},
         "gpu_mem": int(setup.gpu_mem_gib * GiB), "spare": int(setup.gpu_mem_gib * GiB) - need,
         "time": {"mean_tokens": mean_tokens, "flops_per_sample": flops_per_sample, "mfu": setup.mfu,
                  "peak_flops": peak, "steps_per_epoch": steps_per_epoch, "seconds": seconds},

@@ -35,8 +35,8 @@ def main(spec: dict) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["precision"]]
-    llm_cfg = LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden=688, vocab_size=spec.get("vocab", 4096),
-                          max_seq_len=1024)
+    llm_cfg = LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden=688,
+                          vocab_size=spec.get("vocab", 4096), max_seq_len=1024)
     tower = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
     config = LlavaConfig(vision_tower=tower, llm=llm_cfg, projector_type="mlp2x_gelu", max_len=1024)
     vision = build_vision_tower(tower)
@@ -54,9 +54,9 @@ def main(spec: dict) -> dict:
     model.llm.gradient_checkpointing = spec["checkpointing"]
     model.train()
 
-    batch_size, seq_len, text = spec.get("micro_batch", 8), spec.get("seq_len", 512), None
+    batch_size, seq_len = spec.get("micro_batch", 8), spec.get("seq_len", 512)
     image_tokens = model.num_image_tokens
-    text = seq_len - image_tokens
+    text = seq_len - image_tokens + 1  # the placeholder becomes image_tokens positions
     ids = torch.randint(3, llm_cfg.vocab_size, (batch_size, text))
     ids[:, 1] = IMAGE_TOKEN_INDEX  # BOS-like first token, then the image
     images = torch.randn(batch_size, 3, 32, 32, dtype=dtype)

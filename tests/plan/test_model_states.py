@@ -47,7 +47,8 @@ def printed_rows(capsys) -> dict[str, tuple[float, float]]:
     for line in capsys.readouterr().out.splitlines():
         match = re.match(r"\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.*)$", line)
         if match:
-            rows[match.group(3).replace(" ", "").replace("OffloadDeviceEnum.", "")] = (float(match.group(1)), float(match.group(2)))
+            options = match.group(3).replace(" ", "").replace("OffloadDeviceEnum.", "")
+            rows[options] = (float(match.group(1)), float(match.group(2)))
     return rows
 
 

