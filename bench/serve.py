@@ -11,8 +11,9 @@ same greedy requests (an image and a question each) go to them as streaming requ
 "vs queued" compares with the batch-1 server kept busy by 16 clients: the server-side gain alone, without the
 client round trips that leave a one-client server idle between requests.
 Arms alternate within every round, so load from other processes hits them alike. Aggregate tokens/s counts
-completion tokens (from `usage`) over wall time; TTFT is the time from sending a request to its first text. Every
-arm's answers are compared with the one-at-a-time answers (batching must not change greedy outputs).
+completion tokens (from `usage`) over an arm's wall time; TTFT is the time from sending a request to its first text. Every
+arm's answers are compared with the one-at-a-time answers (batching must not change greedy outputs). Reported:
+each arm's median tokens/s over the rounds (a shared machine makes single rounds vary) and TTFT over all requests.
 
     python bench/serve.py --model runs/demo/instruct/final --image-folder runs/demo/scenes/heldout/images
 """
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-folder", type=Path, required=True, help="images to ask about (png/jpg)")
     parser.add_argument("--requests", type=int, default=32, help="requests per arm (default 32)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="every arm runs once per round (default 2)")
+    parser.add_argument("--rounds", type=int, default=5, help="every arm runs once per round (default 5)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the servers (default: torch's choice)")
     parser.add_argument("--question", action="append", help="ask this (repeat for several; default: a mix of six "
                                                             "short and descriptive questions)")
@@ -138,15 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(args.requests)]
     arms = [("one-at-a-time", 1, 1), ("queued", 1, 16), ("batched", 16, 1), ("batched", 16, 4), ("batched", 16, 16)]
     servers = {batch: start_server(args.model, args.image_folder, batch, args.threads) for batch in (1, 16)}
-    totals = {arm: {"wall": 0.0, "tokens": 0, "ttft": [], "answers": None, "same": True} for arm in arms}
+    totals = {arm: {"rates": [], "ttft": [], "answers": None, "same": True} for arm in arms}
     try:
         for round_ in range(args.rounds):
             for arm in arms:
                 _, url, model = servers[arm[1]]
                 result = asyncio.run(run_arm(url, model, messages, arm[2], args.max_tokens))
                 total = totals[arm]
-                total["wall"] += result["wall"]
-                total["tokens"] += result["tokens"]
+                total["rates"].append(result["tokens"] / result["wall"])
                 total["ttft"] += result["ttft"]
                 baseline = totals[arms[0]]["answers"] or result["answers"]
                 total["same"] &= result["answers"] == baseline
@@ -158,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             process.terminate()
             process.wait()
 
-    rate_of = {arm: totals[arm]["tokens"] / totals[arm]["wall"] for arm in arms}
+    rate_of = {arm: statistics.median(totals[arm]["rates"]) for arm in arms}
     print(f"model {args.model}, {args.requests} requests x {args.rounds} rounds, greedy, max_tokens "
           f"{args.max_tokens}, OMP_NUM_THREADS={args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
-    print("| serving | max batch | clients | tokens/s | vs one-at-a-time | vs queued | TTFT median | TTFT p90 | "
+    print("| serving | max batch | clients | tokens/s (median of rounds) | vs one-at-a-time | vs queued | TTFT median | TTFT p90 | "
           "answers = one-at-a-time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for arm in arms:
