@@ -263,20 +263,21 @@ def test_coco_vocabulary_prefers_the_longest_phrase_and_reads_synonym_files(tmp_
 
 
 def test_demo_and_real_prefer_configs_bind():
-    """configs/vicuna-7b-prefer.yaml binds strictly; tiny-demo-prefer.yaml repeats tiny-demo.yaml's stages exactly
-    (so a finished `make demo` run is reused) and adds prefer."""
-    import yaml
-
+    """Both stage configs bind strictly, and a run config with a prefer section passes the runner's up-front check."""
+    from pipeline.runner import RunConfig, validate_sections
     from stages import prefer
     from stages.common import bind_stage
-    from stages.config import load_config
+    from stages.config import bind, load_config
 
-    real = load_config(REPO / "configs" / "vicuna-7b-prefer.yaml")
-    bound = bind_stage(prefer.SCHEMA, real, name="vicuna-7b-prefer", train_sections=prefer.TRAIN_SECTIONS)
-    assert bound.adapter["method"] == "lora" and bound.train.lr == 1e-7
-    demo = yaml.safe_load((REPO / "configs" / "tiny-demo.yaml").read_text())
-    with_prefer = yaml.safe_load((REPO / "configs" / "tiny-demo-prefer.yaml").read_text())
-    assert {k: v for k, v in with_prefer.items() if k != "prefer"} == demo, (
-        "configs/tiny-demo-prefer.yaml must repeat configs/tiny-demo.yaml and add a prefer section: copy the "
-        "changed sections of tiny-demo.yaml into it")
-    assert "prefer" in with_prefer
+    real = bind_stage(prefer.SCHEMA, load_config(REPO / "configs" / "vicuna-7b-prefer.yaml"), name="real",
+                      train_sections=prefer.TRAIN_SECTIONS)
+    assert real.adapter["method"] == "lora" and real.train.lr == 1e-7 and real.train.zero_stage == 2
+    demo = bind_stage(prefer.SCHEMA, load_config(REPO / "configs" / "tiny-demo-prefer.yaml"), name="demo",
+                      train_sections=prefer.TRAIN_SECTIONS)
+    assert demo.model == "runs/demo/instruct/final" and demo.data is None and demo.train.precision == "fp32"
+    run = load_config(REPO / "configs" / "micro-demo.yaml")
+    run["prefer"] = {"beta": 0.1, "train": {"max_steps": 2}}
+    validate_sections(bind(RunConfig, run, "micro+prefer"), "micro+prefer")
+    run["prefer"]["bogus"] = 1
+    with pytest.raises(Exception, match="bogus"):
+        validate_sections(bind(RunConfig, run, "micro+prefer"), "micro+prefer")
