@@ -1,21 +1,23 @@
 """A tiny random LLaVA model on disk and `llava-pipeline serve` apps running on a free local port, in a thread."""
-import base64
 import contextlib
-import io
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-# One thread: the test model's matrices are tiny, and on a busy machine torch's thread pool spends its time waiting
-# for cores (60x slower per token when the machine was shared) instead of computing.
-torch.set_num_threads(1)
-
 TEXT = ["What color is the circle? red", "How many shapes are there? 2", "Is there a blue square? No",
         "A small red circle on the left and a large blue square on the right.", "USER: hello ASSISTANT: hi"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The test model's matrices are tiny, and on a busy machine torch's thread pool spends its time waiting for
+    cores (60x slower per token when the machine was shared) instead of computing. Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -53,40 +55,11 @@ def image_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def png_bytes(size=(8, 8), color=(0, 0, 0)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, color).save(out, format="PNG")
-    return out.getvalue()
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve `app` with uvicorn on 127.0.0.1 at a free port in a thread; yield its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-
-
 @pytest.fixture(scope="session")
 def serve(loaded):
     """serve(**settings) -> context manager yielding (base URL, app) for the tiny model with those ServeSettings."""
+    from serve_helpers import running
+
     from pipeline.serve import ServeSettings, create_app
 
     @contextlib.contextmanager

@@ -125,7 +125,7 @@ def test_page_chats_about_an_image_with_streamed_answers(serve, loaded, image_fo
 def main(argv=None) -> int:
     """Take the documentation's screenshot with a trained model."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import running
+    from serve_helpers import running
 
     from pipeline.loading import load_model
     from pipeline.serve import ServeSettings, create_app

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
-from conftest import data_url
+from serve_helpers import data_url
 
 from llava.conversation import get_template, tokenize_conversation
 from llava.generate import GenerationConfig
