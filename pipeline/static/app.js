@@ -4,7 +4,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, image: null, messages: [], controller: null };
+const state = { model: null, image: null, messages: [], controller: null, chat: 0 };
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -50,6 +50,7 @@ function addMessage(role, text, image) {
 }
 
 function newChat() {
+  state.chat += 1;  // an answer still streaming belongs to the old chat: it must not land in the new one
   if (state.controller) state.controller.abort();
   state.messages = [];
   $("messages").querySelectorAll(".message").forEach((m) => m.remove());
@@ -129,6 +130,7 @@ async function send(event) {
   const text = $("prompt").value.trim();
   if (!text || state.controller) return;
   if (!state.model) await loadModel();
+  const chat = state.chat;
   const first = state.messages.length === 0;
   const content = first && state.image
     ? [{ type: "image_url", image_url: { url: state.image } }, { type: "text", text }]
@@ -157,12 +159,14 @@ async function send(event) {
     }
     state.messages.push({ role: "assistant", content: answer });
   } catch (e) {
-    state.messages.pop();  // the question was not answered: it is not part of the conversation
-    if (e.name === "AbortError") {
-      if (answer) state.messages.push({ role: "user", content }, { role: "assistant", content: answer });
-    } else {
-      bubble.remove();
-      addMessage("error", e.message);
+    if (chat === state.chat) {
+      state.messages.pop();  // the question was not answered: it is not part of the conversation
+      if (e.name === "AbortError" && answer) {  // stopped: keep what was said so far
+        state.messages.push({ role: "user", content }, { role: "assistant", content: answer });
+      } else {
+        bubble.remove();
+        if (e.name !== "AbortError") addMessage("error", e.message);
+      }
     }
   } finally {
     bubble.classList.remove("streaming");

@@ -2,6 +2,7 @@
 `generate` gives each of them alone (greedy and seeded sampling), whatever the batch around them does."""
 import pytest
 import torch
+from torch import nn
 
 from llava.generate import BatchDecoder, GenerationConfig, generate
 from llava.model import Llama
@@ -82,3 +83,47 @@ def test_removed_rows_leave_and_the_rest_continue_unchanged(model):
         decoder.step()
     assert [rows[1].ids, rows[2].ids] == [_alone(model, p, config) for p in prompts[1:]]
     assert len(rows[0].ids) == 3 and rows[0].finish_reason is None
+
+
+class VirtualTokens(nn.Module):
+    """Prompt tuning's hook: `num_tokens` embeddings in front of every row."""
+
+    def __init__(self, num_tokens, dim):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.embeds = nn.Parameter(torch.randn(num_tokens, dim, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, batch_size):
+        return self.embeds.expand(batch_size, -1, -1)
+
+
+class KVPrefix(nn.Module):
+    """Prefix tuning's hook: per-layer keys and values every query sees first."""
+
+    def __init__(self, num_tokens, n_kv_heads, head_dim, seed):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.num_tokens = num_tokens
+        self.keys = nn.Parameter(torch.randn(n_kv_heads, num_tokens, head_dim, generator=generator))
+        self.values = nn.Parameter(torch.randn(n_kv_heads, num_tokens, head_dim, generator=generator))
+
+    def forward(self, batch_size):
+        return self.keys.expand(batch_size, -1, -1, -1), self.values.expand(batch_size, -1, -1, -1)
+
+
+@pytest.mark.parametrize("hook", ["virtual_tokens", "kv_prefix"])
+def test_adapter_hooks_keep_their_place_when_rows_join(hook):
+    """Virtual tokens stay in front of every row's padding (as in `generate`), a KV prefix in front of every key."""
+    config = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, max_seq_len=256)
+    model = Llama(config).init_weights(std=0.3, seed=1).eval()
+    plain = [_alone(model, [1, 5, 6, 7], GenerationConfig(max_new_tokens=8, stop_token_ids=NEVER))]
+    if hook == "virtual_tokens":
+        model.input_prompt = VirtualTokens(3, config.dim)
+    else:
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.kv_prefix = KVPrefix(4, config.n_kv_heads, config.head_dim, seed=i)
+    prompts = [[1, 5, 6, 7], [1, 40], [1, 50, 51, 52, 53, 54, 55, 56, 57], [1, 60, 61]]
+    configs = [GenerationConfig(max_new_tokens=n, stop_token_ids=NEVER) for n in (8, 12, 5, 9)]
+    got, _ = _run(model, list(zip(prompts, (0, 0, 2, 4))), configs)
+    assert got == [_alone(model, p, c) for p, c in zip(prompts, configs)]
+    assert got[0] != plain[0]  # the hook took part
