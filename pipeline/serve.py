@@ -150,6 +150,10 @@ def create_app(loaded, settings: ServeSettings):
         body = APIError(500, f"internal error: {type(error).__name__}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
+    def busy() -> APIError:
+        return APIError(429, f"the server is busy: {settings.max_queue} requests are already waiting (--max-queue); "
+                             "retry shortly", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
     def check_key(request: Request) -> None:
         if settings.api_key is None:
             return
@@ -177,6 +181,8 @@ def create_app(loaded, settings: ServeSettings):
         if chat.model != settings.model_name:
             raise APIError(404, f"the model {chat.model!r} does not exist; this server serves "
                                 f"{settings.model_name!r} (GET /v1/models)", code="model_not_found", param="model")
+        if engine.queue_full():  # refuse before decoding the image; submit() checks again, atomically
+            raise busy()
         ids, pixels, prompt_tokens, config = await asyncio.get_running_loop().run_in_executor(
             preparing, prompter.prepare, chat)
         events = asyncio.Queue()
@@ -184,9 +190,7 @@ def create_app(loaded, settings: ServeSettings):
         try:
             engine.submit(job)
         except QueueFull:
-            raise APIError(429, f"the server is busy: {settings.max_queue} requests are already waiting "
-                                f"(--max-queue); retry shortly", type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
+            raise busy() from None
         reply = Reply(settings.model_name, prompt_tokens, chat.include_usage)
         if chat.stream:
             return StreamingResponse(stream_events(engine, job, events, reply), media_type="text/event-stream",

@@ -67,6 +67,10 @@ class Engine:
             self._pending.append(job)
             self._wake.notify()
 
+    def queue_full(self) -> bool:
+        with self._wake:
+            return len(self._pending) >= self.max_queue
+
     def cancel(self, job: Job) -> None:
         job.cancelled = True  # read by the engine thread between steps
 
