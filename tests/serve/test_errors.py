@@ -251,3 +251,15 @@ def test_command_line_warns_for_an_open_port_without_a_key(model_dir):
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
     assert process.returncode == 0
+
+
+def test_a_failed_step_answers_500_and_the_server_goes_on(serve):
+    with serve() as (url, app):
+        def broken_step():
+            raise RuntimeError("boom")
+
+        app.state.engine.decoder.step = broken_step  # the engine starts a fresh decoder after a failure
+        error = assert_error(request(url, body=chat()), 500, "generation failed: RuntimeError: boom")
+        assert error["type"] == "server_error"
+        status, _, body = request(url, body=chat())
+        assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
