@@ -5,7 +5,8 @@
 
 Sections, each recorded even when an earlier one failed (exit code 1 if any check failed):
 1. `bf16_logits`: LLaVA logits (tower + projector + LLaMA) in bf16 against fp32 on the same weights and images:
-   relative L2 error below LOGITS_TOLERANCE, and greedy next tokens mostly equal;
+   relative L2 error below LOGITS_TOLERANCE (the share of equal greedy tokens is reported; on random weights the
+   logits are nearly flat, so it is no criterion);
 2. `sdpa_kernel`: a training forward + backward with scaled_dot_product_attention restricted to the fused kernels
    (flash / memory-efficient on CUDA, flash on CPU); torch raises if our attention call cannot use them;
 3. `stage2`: the stage-2 training step through `stages.trainer.Trainer` (DeepSpeed engine, bf16, gradient
@@ -32,8 +33,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-LOGITS_TOLERANCE = 2e-2  # relative L2 error of bf16 logits against fp32 (bf16 keeps 8 bits of mantissa)
-GREEDY_AGREEMENT = 0.9  # share of positions whose greedy token is the same in bf16 and fp32
+# Relative L2 error of bf16 logits against fp32: bf16 rounds each op's result to 8 bits of mantissa (0.4 %), and
+# the errors of ~25 blocks add up; measured 0.6 % on the 2-block CPU smoke model.
+LOGITS_TOLERANCE = 5e-2
 PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # dense bf16, HBM B/s
 SHAPES = {
     "full": dict(llm="llama-1b", tower="ViT-L-14-336", micro_batch=8, seq_len=2048, steps=10, warmup=3,
@@ -94,7 +96,7 @@ def check_bf16_logits(shape: dict, device: torch.device) -> dict:
     error = float((logits - reference).norm() / reference.norm())
     agreement = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
     return {"relative_error": error, "tolerance": LOGITS_TOLERANCE, "greedy_agreement": agreement,
-            "passed": error < LOGITS_TOLERANCE and agreement >= GREEDY_AGREEMENT}
+            "passed": error < LOGITS_TOLERANCE}
 
 
 def check_sdpa_kernel(shape: dict, device: torch.device) -> dict:
