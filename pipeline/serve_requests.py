@@ -110,7 +110,8 @@ def parse_chat_request(body: dict) -> ChatRequest:
                        image_param=image_param, max_tokens=max_tokens,
                        temperature=_number(body, "temperature", DEFAULT_TEMPERATURE, float, low=0, high=2),
                        top_p=_number(body, "top_p", 1.0, float, low=0, high=1, low_open=True),
-                       seed=_number(body, "seed", None, int), stop=tuple(stop), stream=stream,
+                       seed=_number(body, "seed", None, int, low=-2**63, high=2**64 - 1), stop=tuple(stop),
+                       stream=stream,
                        include_usage=include_usage)
 
 

@@ -73,6 +73,7 @@ def server(serve, image_folder, tmp_path_factory):
     (chat(max_tokens=0), ["max_tokens=0 must be >= 1"], "max_tokens"),
     (chat(max_tokens="5"), ["max_tokens must be an integer"], "max_tokens"),
     (chat(seed=1.5), ["seed must be an integer"], "seed"),
+    (chat(seed=2**64), [f"seed={2**64} must be in [-{2**63}, {2**64 - 1}]"], "seed"),
     (chat(stream="yes"), ["stream must be true or false"], "stream"),
     (chat(n=2), ["n=2 is not supported; only 1"], "n"),
     (chat(tools=[]), ["unsupported parameter 'tools'"], "tools"),
