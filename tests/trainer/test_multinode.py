@@ -1,7 +1,8 @@
-"""Multi-node rehearsal on one machine: stage 2 as 2 "nodes" x 1 rank (two torchrun agents, `--nnodes 2 --node-rank
-0|1`, static rendezvous on 127.0.0.1), stopped after 2 steps and resumed by two new agents to step 4, ends with the
-same weights as one uninterrupted 1 node x 2 ranks run (`--nproc 2`). The agent commands are the ones
-docs/planning.md shows for real nodes, with 127.0.0.1 standing in for the first node's address."""
+"""Multi-node rehearsal on one machine: stage 2 as 2 "nodes" x 1 rank (two torchrun agents, `--nnodes 2
+--node-rank 0|1`, static rendezvous on 127.0.0.1), stopped after 2 steps and resumed to step 4 by two new agents
+meeting through torchrun's c10d rendezvous instead, ends with the same weights as one uninterrupted 1 node x 2 ranks
+run (`--nproc 2`). The agent commands are the ones docs/planning.md shows for real nodes, with 127.0.0.1 standing in
+for the first node's address."""
 from __future__ import annotations
 
 import json
@@ -72,17 +73,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def agent_command(node_rank: int, port: int, config: Path, *overrides: str) -> list[str]:
-    """One node's launcher: what `torchrun --nnodes 2 --node-rank N ...` runs on node N."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
-            "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-            "-m", "stages.launch", "stages.instruct:main", "--config", str(config), *overrides]
+def agent_command(node_rank: int, port: int, rendezvous: str, config: Path, *overrides: str) -> list[str]:
+    """One node's launcher (`torchrun` is `python -m torch.distributed.run`): a static rendezvous at the first node's
+    address with this node's `--node-rank`, or torchrun's c10d rendezvous (node ranks assigned on arrival)."""
+    meet = (["--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+            if rendezvous == "static" else ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"])
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", *meet,
+            "-m", "pipeline.cli", "instruct", "--config", str(config), *overrides]
 
 
-def run_two_nodes(config: Path, *overrides: str) -> None:
+def run_two_nodes(rendezvous: str, config: Path, *overrides: str) -> None:
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen(agent_command(rank, port, config, *overrides), cwd=REPO, env=env,
+    agents = [subprocess.Popen(agent_command(rank, port, rendezvous, config, *overrides), cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [agent.communicate(timeout=600)[0] for agent in agents]
     for rank, (agent, output) in enumerate(zip(agents, outputs)):
@@ -106,10 +109,10 @@ def test_two_nodes_with_resume_equal_one_node_two_ranks(stage2_config, tmp_path)
     assert main(["instruct", "--config", str(stage2_config), "--nproc", "2", f"output_dir={reference}"]) == 0
 
     two_nodes = tmp_path / "two_nodes"
-    run_two_nodes(stage2_config, f"output_dir={two_nodes}", "train.max_steps=2")
+    run_two_nodes("static", stage2_config, f"output_dir={two_nodes}", "train.max_steps=2")
     first = json.loads(next((two_nodes / "checkpoints").glob("*/complete.json")).read_text())
     assert first["world_size"] == 2 and first["step"] == 2
-    run_two_nodes(stage2_config, f"output_dir={two_nodes}", "--resume")  # new agents continue to step 4
+    run_two_nodes("c10d", stage2_config, f"output_dir={two_nodes}", "--resume")  # new agents continue to step 4
 
     records = [json.loads(line) for line in (two_nodes / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records)
