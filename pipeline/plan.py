@@ -25,8 +25,6 @@ from stages.config import ConfigError, load_config
 
 GiB = memory.GiB
 CARDS, Setup = memory.CARDS, memory.Setup
-
-
 LLAVA_GLOBAL_BATCH = {"align": 256, "instruct": 128}  # LLaVA-1.5's recipes
 VISION_NAMES = {  # Hugging Face CLIP directory names -> open_clip architectures (for paths that do not exist yet)
     "clip-vit-large-patch14-336": "ViT-L-14-336", "clip-vit-large-patch14": "ViT-L-14",
@@ -36,20 +34,10 @@ VISION_NAMES = {  # Hugging Face CLIP directory names -> open_clip architectures
 
 # ---- the model -------------------------------------------------------------------------------------------------------
 
-def _llm_preset(path: str, notes: list[str]):
-    from llava.model.llama import PRESETS, LlamaConfig
-
-    name = Path(path).name.lower()
-    if name in PRESETS:
-        notes.append(f"{path} does not exist here: using the {name} preset's architecture")
-        return LlamaConfig.from_name(name)
-    raise ConfigError(f"model.llm: {path} does not exist and its name is not a LLaMA preset "
-                      f"({', '.join(sorted(PRESETS))}); pass --llm PRESET_OR_DIR")
-
-
 def _llm_from(value: str, notes: list[str]):
-    """(LlamaConfig, llm_path or None) from a directory or a preset name."""
-    from llava.model.llama import LlamaConfig, PRESETS
+    """(LlamaConfig, None) for a preset, or (None, directory) for a Hugging Face directory whose config.json is read
+    later; a path that does not exist yet but is named like a preset (/path/to/vicuna-7b-v1.5) gives the preset."""
+    from llava.model.llama import PRESETS, LlamaConfig
 
     path = Path(value)
     if path.is_dir():
@@ -59,11 +47,16 @@ def _llm_from(value: str, notes: list[str]):
         return None, str(directory)
     if value in PRESETS:
         return LlamaConfig.from_name(value), None
-    return _llm_preset(value, notes), None
+    if path.name.lower() in PRESETS:
+        notes.append(f"{value} does not exist here: using the {path.name.lower()} preset's architecture")
+        return LlamaConfig.from_name(path.name.lower()), None
+    raise ConfigError(f"model.llm: {value} does not exist and its name is not a LLaMA preset "
+                      f"({', '.join(sorted(PRESETS))}); pass --llm PRESET_OR_DIR")
 
 
 def _vision_from(value, notes: list[str]):
-    """A tower spec that builds without weights: a config dict, an existing directory's arch, or an open_clip name."""
+    """A tower spec that builds without weights: a config dict, the architecture of an existing directory or JSON
+    file, or an open_clip name (a CLIP directory that does not exist yet maps to its open_clip name)."""
     from stages.common import OPEN_CLIP_CONFIG, _open_clip_json
 
     if isinstance(value, dict):
@@ -71,15 +64,17 @@ def _vision_from(value, notes: list[str]):
     path = Path(str(value))
     if (path / OPEN_CLIP_CONFIG).is_file():
         return _open_clip_json(path / OPEN_CLIP_CONFIG)[0]
-    if path.is_dir() or (str(value).endswith(".json") and path.is_file()):
-        return memory.vision_arch(str(path)) if path.is_dir() else _open_clip_json(path)[0]
-    if "/" in str(value) or path.name in VISION_NAMES:
-        if path.name not in VISION_NAMES:
-            raise ConfigError(f"model.vision_tower: {value} does not exist and its name is not one of "
-                              f"{', '.join(VISION_NAMES)}; pass --vision NAME_OR_DIR")
+    if path.is_dir():
+        return memory.vision_arch(str(path))
+    if path.suffix == ".json" and path.is_file():
+        return _open_clip_json(path)[0]
+    if path.name in VISION_NAMES:
         notes.append(f"{value} does not exist here: using open_clip's {VISION_NAMES[path.name]} architecture")
         return VISION_NAMES[path.name]
-    return str(value)
+    if "/" in str(value):
+        raise ConfigError(f"model.vision_tower: {value} does not exist and its name is not one of "
+                          f"{', '.join(VISION_NAMES)}; pass --vision NAME_OR_DIR")
+    return str(value)  # an open_clip model name
 
 
 def resolve_model(stage: str, cfg, llm: str | None, vision: str | None) -> tuple[object, list[str]]:

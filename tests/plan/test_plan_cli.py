@@ -51,6 +51,13 @@ def test_instruct_recipes_need_the_architecture_before_stage_one_ran(capsys):
     assert memory["model_states"] - memory["adapter"]["nf4_base_states"] == int((2 - 0.5625) * base)
 
 
+def test_unknown_architectures_are_named(capsys):
+    assert main(["plan", "--config", ALIGN, "model.llm=/models/llama9"]) == 2
+    assert "/models/llama9 does not exist and its name is not a LLaMA preset" in capsys.readouterr().err
+    assert main(["plan", "--config", ALIGN, "model.vision_tower=/models/siglip"]) == 2
+    assert "pass --vision NAME_OR_DIR" in capsys.readouterr().err
+
+
 def test_text_output_and_global_batch_hint(capsys):
     assert main(["plan", "--config", INSTRUCT, "--llm", "vicuna-7b-v1.5", "--gpus", "4", "--samples", "1000"]) == 0
     out = capsys.readouterr().out
