@@ -343,6 +343,18 @@ def deepspeed_settings(train, ranks: int) -> dict:
             "bucket_elements": buckets if stage else 0.0}
 
 
+def _training(stage: str, adapter: dict | None, checkpointing: bool) -> Training:
+    """What trains inside the LLM: LoRA's tensors are counted from its options (peft's defaults where unset: all
+    seven projections, r 8, no dropout); other adapter methods keep only what the frozen base keeps."""
+    if adapter is None:
+        return Training("frozen" if stage == "align" else "full", gradient_checkpointing=checkpointing)
+    if adapter.get("method") not in ("lora", "loftq"):
+        return Training("adapter", gradient_checkpointing=checkpointing)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return Training("adapter", tuple(adapter.get("targets", targets)), int(adapter.get("r", 8)),
+                    float(adapter.get("dropout", 0.0)), checkpointing)
+
+
 def estimate(stage: str, cfg, llava_config, setup: Setup, *, settings: dict | None = None) -> dict:
     """Every number of the plan for one set of training settings (`settings` overrides the config's)."""
     train = cfg.train
@@ -356,18 +368,11 @@ def estimate(stage: str, cfg, llava_config, setup: Setup, *, settings: dict | No
     model = meta_model(llava_config, adapter=adapter, tune_vision=tune_vision)
     counts = count_params(model)
     states = model_state_bytes(counts.total, counts.total_trainable, counts.largest_layer,
-                                      precision=train.precision, zero_stage=ds["zero_stage"], ranks=ranks,
-                                      ranks_per_node=setup.gpus, offload_optimizer=ds["offload_optimizer"],
-                                      offload_params=ds["offload_params"])
+                               precision=train.precision, zero_stage=ds["zero_stage"], ranks=ranks,
+                               ranks_per_node=setup.gpus, offload_optimizer=ds["offload_optimizer"],
+                               offload_params=ds["offload_params"])
     llm = model.llm.config
-    if adapter is not None:
-        lora = adapter.get("method") in ("lora", "loftq")
-        training = Training("adapter", tuple(adapter.get("targets", ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                            "gate_proj", "up_proj", "down_proj")))
-                                   if lora else (), int(adapter.get("r", 8)) if lora else 0,
-                                   float(adapter.get("dropout", 0.0)) if lora else 0.0, checkpointing)
-    else:
-        training = Training("frozen" if stage == "align" else "full", gradient_checkpointing=checkpointing)
+    training = _training(stage, adapter, checkpointing)
     image_tokens = model.num_image_tokens
     seq_len = setup.seq_len or llava_config.max_len
     widths = [m.in_features for m in model.projector.modules() if hasattr(m, "in_features")]
