@@ -197,7 +197,11 @@ def plan(config_file: str | None, overrides: list[str], setup: Setup, *, llm: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llava-pipeline plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="llava-pipeline plan", description=__doc__.split("\n\n")[0],
+        epilog="Reads: the stage config (--config) and the configs it names (the LLaMA config.json, the CLIP "
+               "config; never a weight file). Writes: nothing; prints the plan (--json: as JSON). Exit code 0 when "
+               "it fits, 1 when it does not, 2 for a config error.")
     parser.add_argument("--config", required=True, help="an align or instruct stage config")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as the stages take them")
     parser.add_argument("--gpu", default="a100-80g", choices=sorted(CARDS), help="card: memory, peak FLOP/s")
