@@ -393,9 +393,14 @@ def run(cfg: PreferConfig) -> dict:
     return train(cfg, *build(cfg))
 
 
+HELP = (__doc__.split("\n\n")[0] + " Reads: a stage-2 model directory (model) and preference pairs (data; or "
+        "captions to write offline pairs from). Writes: output_dir/final (a whole model, or an adapter on model), "
+        "metrics.jsonl, checkpoints/, pairs.json when data is unset.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return common.stage_main(argv, name="prefer", description=__doc__.split("\n\n")[0], schema=SCHEMA,
-                             train_sections=TRAIN_SECTIONS, run=run, entry=main)
+    return common.stage_main(argv, name="prefer", description=HELP, schema=SCHEMA, train_sections=TRAIN_SECTIONS,
+                             run=run, entry=main)
 
 
 if __name__ == "__main__":
