@@ -102,6 +102,7 @@ class LMSpec:
     max_seq_len: int = 512
     block_size: int = 128  # tokens per training sequence (the text is packed)
     template: str = "vicuna_v1"  # how instruction conversations are rendered into pretraining text
+    whole_documents: bool = False  # pack without cutting a document across blocks (PackedText)
     train: TrainConfig | None = None
 
 
@@ -377,11 +378,31 @@ def lm_documents(captions: list[dict], conversations: list[list[dict]], tokenize
 
 
 class PackedText(Dataset):
-    """Documents concatenated (in a seeded random order) and cut into blocks of `block_size` tokens."""
+    """Documents (in a seeded random order) packed into blocks of `block_size` tokens.
 
-    def __init__(self, documents: list[list[int]], block_size: int, seed: int):
+    By default the documents are concatenated and cut, so a document may start in one block and end in the next.
+    With `whole_documents`, a document that does not fit in the rest of a block starts the next one (a longer one
+    is cut to a block) and the rest is padding without loss (`labels` -100): a question then never loses the scene it
+    asks about, which the reading corpus needs (cut documents taught the LLM to answer without looking: probe 0.34
+    after 600 steps)."""
+
+    def __init__(self, documents: list[list[int]], block_size: int, seed: int, whole_documents: bool = False,
+                 pad_id: int = 0):
         order = list(range(len(documents)))
         random.Random(seed).shuffle(order)
+        self.labels = None
+        if whole_documents:
+            blocks: list[list[int]] = [[]]
+            for i in order:
+                document = documents[i][:block_size]
+                if len(blocks[-1]) + len(document) > block_size:
+                    blocks.append([])
+                blocks[-1] += document
+            self.blocks = torch.full((len(blocks), block_size), pad_id, dtype=torch.long)
+            self.labels = torch.full((len(blocks), block_size), -100, dtype=torch.long)
+            for k, block in enumerate(blocks):
+                self.blocks[k, :len(block)] = self.labels[k, :len(block)] = torch.tensor(block, dtype=torch.long)
+            return
         stream = torch.tensor([t for i in order for t in documents[i]], dtype=torch.long)
         n_blocks = len(stream) // block_size
         if n_blocks < 1:
@@ -392,19 +413,22 @@ class PackedText(Dataset):
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.blocks[i]}
+        if self.labels is None:
+            return {"input_ids": self.blocks[i]}
+        return {"input_ids": self.blocks[i], "labels": self.labels[i]}
 
 
 class NextTokenObjective(nn.Module):
-    """Causal LM loss over every position of a packed block."""
+    """Causal LM loss over every position of a packed block (but padding, where `labels` are -100)."""
 
     def __init__(self, llm: nn.Module):
         super().__init__()
         self.llm = llm
 
-    def forward(self, input_ids: torch.Tensor) -> dict:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         logits = self.llm(input_ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        targets = input_ids if labels is None else labels
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
         return {"loss": loss, "logits": logits}
 
 
@@ -448,7 +472,8 @@ def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) 
         common.log(f"[base] text probe at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return scores
 
-    trainer = Trainer(spec.train, NextTokenObjective(llm), PackedText(documents, spec.block_size + 1, cfg.seed),
+    packed = PackedText(documents, spec.block_size + 1, cfg.seed, spec.whole_documents, tokenizer.pad_id)
+    trainer = Trainer(spec.train, NextTokenObjective(llm), packed,
                       eval_fn=probe if questions else None)
     result = trainer.fit()
     state = trainer.state_dict(lambda name: name.startswith("llm."))

@@ -14,7 +14,7 @@ def shipped(scene_data, tmp_path_factory):
     from stages import base
 
     out, dest = tmp_path_factory.mktemp("bases_run"), tmp_path_factory.mktemp("bases") / "tiny-bases"
-    lm = {**MICRO_BASE["lm"], "train": {**MICRO_BASE["lm"]["train"], "eval_every": 6}}
+    lm = {**MICRO_BASE["lm"], "whole_documents": True, "train": {**MICRO_BASE["lm"]["train"], "eval_every": 6}}
     cfg = bound(base, {**MICRO_BASE, "lm": lm, "output_dir": str(out), "captions": str(scene_data.captions),
                        "corpus": {"scenes": 40, "seed": 3}, "probe": {"questions": 10, "seed": 5},
                        "ship_to": str(dest)})
@@ -33,7 +33,8 @@ def test_the_recipe_ships_both_models_with_a_manifest_that_checks(shipped):
     assert [point["step"] for point in manifest["text_probe_curve"]] == [6, 12]
     assert set(manifest["text_probe"]) == {"probe", "probe_color", "probe_count", "probe_exist", "probe_position",
                                            "probe_shape"}
-    assert (dest / "llama" / "model.safetensors").read_bytes() == (Path(outputs["llm"]) / "model.safetensors").read_bytes()
+    shipped_llm = (dest / "llama" / "model.safetensors").read_bytes()
+    assert shipped_llm == (Path(outputs["llm"]) / "model.safetensors").read_bytes()
 
 
 def test_a_changed_file_fails_the_manifest_check(shipped, tmp_path):
