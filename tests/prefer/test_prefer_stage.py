@@ -155,8 +155,10 @@ def test_bad_settings_are_refused_with_the_fix(prefer_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_ranks_zero3_full_tuning(prefer_data, tmp_path):
-    """ZeRO-3 partitions policy and reference; the saved policy is gathered whole and differs from stage 2."""
+def test_two_ranks_zero3_full_tuning_and_lora(prefer_data, tmp_path):
+    """ZeRO-3 partitions policy and reference; the saved policy (or adapter) is gathered whole."""
+    from safetensors.torch import load_file
+
     from pipeline.cli import main
 
     out = tmp_path / "zero3"
@@ -167,3 +169,9 @@ def test_two_ranks_zero3_full_tuning(prefer_data, tmp_path):
     assert any(not torch.equal(trained[k], stage2[k]) for k in stage2 if k.startswith("llm."))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert METRICS <= set(rows[-1])
+
+    lora = _write(tmp_path / "lora.yaml", prefer_config(prefer_data, tmp_path / "lora", train={"max_steps": 2,
+                  "zero_stage": 3}, adapter={"method": "lora", "r": 2}))
+    assert main(["prefer", "--config", lora, "--nproc", "2"]) == 0
+    saved = load_file(str(tmp_path / "lora" / "final" / "adapter_model.safetensors"))
+    assert saved and all(t.numel() for t in saved.values()) and all("lora" in k for k in saved)
