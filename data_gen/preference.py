@@ -15,9 +15,9 @@ string or a list of `{"role", "content"}` messages and chosen/rejected are strin
 
 Backends (both resumable through data_gen.driver's cache: rerun the same command after a kill):
 - offline: the chosen answer is written from the boxes by the offline generator; the rejected one is the same
-  generator's answer for a perturbed copy of the boxes — an object added, recoloured, duplicated or moved. Added
-  objects and colours are drawn from the data set's co-occurrence statistics (data_gen.hallucination.KindStats), as
-  POPE's adversarial negatives are. Short-answer pairs ask the training set's own questions (data_gen.vqa) with a
+  generator's answer for a perturbed copy of the boxes — an object replaced by one that is not there, recoloured,
+  duplicated or moved. Replacement objects and colours are drawn from the data set's co-occurrence statistics
+  (data_gen.hallucination.KindStats), as POPE's adversarial negatives are. Short-answer pairs ask the training set's own questions (data_gen.vqa) with a
   wrong answer of the same kind.
 - openai: the GPT model gets captions + boxes and a hallucination kind, and replies with a JSON object
   `{"question", "chosen", "rejected"}`: a faithful answer and a subtly unfaithful one.
@@ -154,7 +154,7 @@ CELLS = [(c, r) for r in range(3) for c in range(3)]  # ninths of the image, as 
 
 
 def _free_cell(boxes: list[Box], rng: random.Random) -> tuple[float, float] | None:
-    """The centre of a ninth no box covers, so an added object never overlaps a real one."""
+    """The centre of a ninth no box covers, so a duplicated or moved object never overlaps a real one."""
     def covered(cx, cy):
         return any(b.bbox[0] - 0.1 < cx < b.bbox[2] + 0.1 and b.bbox[1] - 0.1 < cy < b.bbox[3] + 0.1 for b in boxes)
 
@@ -167,21 +167,18 @@ def _box_at(label: str, centre: tuple[float, float], side: float) -> Box:
     return Box(label, (centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half))
 
 
-def _scene_label(kind: str, rng: random.Random) -> str:
-    """A box label for a kind: scene kinds get a size ("small green triangle"), other labels stay as they are."""
-    return f"{rng.choice(sorted(world.SCENE_SIZES))} {kind}" if world.parse_scene_label(kind)[2] else kind
-
-
 def perturb(record: CaptionRecord, kind: str, stats: KindStats, rng: random.Random) -> list[Box] | None:
     """The record's boxes with one hallucination of `kind`, or None when this image offers none."""
     boxes = list(record.boxes)
     objects = world.read_objects(boxes)
-    if kind == "object":
-        new = stats.draw_absent(record_kinds(record), rng)
-        centre = _free_cell(boxes, rng)
-        if new is None or centre is None:
+    if kind == "object":  # replaced, not added: the rejected answer is as long as the chosen one, so length is
+        new = stats.draw_absent(record_kinds(record), rng)  # no shortcut to a DPO margin
+        if new is None or not boxes:
             return None
-        return boxes + [_box_at(_scene_label(new, rng), centre, 0.18)]
+        i = rng.randrange(len(boxes))
+        size = world.parse_scene_label(boxes[i].label)[0]
+        label = f"{size} {new}" if size and world.parse_scene_label(new)[2] else new
+        return boxes[:i] + [Box(label, boxes[i].bbox)] + boxes[i + 1:]
     if kind == "count":
         centre = _free_cell(boxes, rng)
         if not boxes or centre is None:

@@ -98,7 +98,7 @@ def test_offline_pairs_are_grounded_against_one_controlled_hallucination(scenes,
     assert again["already_done"] == again["items"] and (tmp_path / "pairs.json").read_bytes() == written
 
 
-def test_added_objects_follow_co_occurrence(scenes):
+def test_hallucinated_objects_follow_co_occurrence(scenes):
     """Over many draws, absent kinds that often share images with the present ones are drawn more often."""
     import random
 
