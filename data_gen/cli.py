@@ -33,7 +33,9 @@ def _fail(prog: str, error: Exception) -> int:
 def scenes_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llava-pipeline scenes", description=(
         "Render synthetic scenes: DIR/images/*.png, DIR/captions.jsonl (image paths relative to DIR/images) and "
-        "stage-1 webdataset shards DIR/shards/pairs-%%05d.tar (png + txt caption + json id)."))
+        "stage-1 webdataset shards DIR/shards/pairs-%%05d.tar (png + txt caption + json id)."),
+        epilog="Reads: nothing (every scene is drawn from --seed). Writes: the --out folder: images/, captions.jsonl, "
+               "shards/.")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--num", type=int, default=1000, help="number of scenes (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
@@ -56,7 +58,9 @@ def coco_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llava-pipeline coco", description=(
         "Import COCO captions + instances into the captions JSONL format (boxes normalised to 0-1, category names "
         "as labels, crowd regions kept as boxes marked \"crowd\": true). Image paths stay relative to the COCO image "
-        "folder, e.g. train2017/."))
+        "folder, e.g. train2017/."),
+        epilog="Reads: COCO's captions_*.json (--captions) and instances_*.json (--instances). Writes: the captions "
+               "JSONL (--out), one line per image.")
     parser.add_argument("--captions", required=True, help="COCO captions_*.json")
     parser.add_argument("--instances", required=True, help="COCO instances_*.json")
     parser.add_argument("--out", required=True, help="captions JSONL to write")
@@ -104,7 +108,10 @@ def generate_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llava-pipeline generate", description=(
         "Write LLaVA instruction JSON from a captions JSONL file, with GPT through any OpenAI-compatible endpoint "
         "(key from OPENAI_API_KEY) or offline from the boxes alone. Resumable: rerun the same command after an "
-        "interruption or failures. With --questions-out, also (or only) write an eval question file."))
+        "interruption or failures. With --questions-out, also (or only) write an eval question file."),
+        epilog="Reads: the captions JSONL (--input), OPENAI_API_KEY for --backend openai. Writes: the instruction JSON "
+               "(--out) with its resume cache, failures and summary files beside it; the question files "
+               "(--questions-out, --pope-out) and preference pairs (--pairs-out) when asked for.")
     parser.add_argument("--input", required=True, help="captions JSONL: {id, image, captions, boxes} per line")
     parser.add_argument("--out", help="LLaVA instruction JSON to write")
     parser.add_argument("--backend", choices=("openai", "offline"), help="required with --out")

@@ -100,7 +100,10 @@ def generation_config(args, loaded):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llava-pipeline chat", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="llava-pipeline chat", description=__doc__.split("\n\n")[0],
+        epilog="Reads: the model directory (--model) and the image (--image). Writes: nothing to disk; the answers "
+               "stream to the console.")
     parser.add_argument("--model", "--model-path", dest="model", required=True,
                         help="trained model dir (full, adapter, merged, or a LLaVA-1.5 HF dir)")
     parser.add_argument("--model-base", help="base model dir for an adapter dir that does not record its base")

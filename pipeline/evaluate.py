@@ -417,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="llava-pipeline eval",
         description="Answer a LLaVA question file (batched, greedy by default), write the answer file, and score it: "
                     "exact match per category when questions carry an 'answer', LLaVA-Bench relative scores with "
-                    "--judge. Without --model, the existing --answers-file is scored.")
+                    "--judge. Without --model, the existing --answers-file is scored.",
+        epilog="Reads: the model directory (--model), the question file and its images (--image-folder). Writes: the "
+               "answer file (--answers-file, JSONL, atomically) and the scores JSON beside it (--scores-file); with "
+               "--judge, the reviews (--reviews-file).")
     parser.add_argument("--model", "--model-path", dest="model", help="trained model dir (full, adapter, merged, or a "
                         "LLaVA-1.5 HF dir)")
     parser.add_argument("--model-base", help="base model dir for an adapter dir that does not record its base")

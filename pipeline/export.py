@@ -276,7 +276,10 @@ def export_hf_llava(loaded, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llava-pipeline export", description=__doc__.split("\n\n")[1].strip())
+    parser = argparse.ArgumentParser(
+        prog="llava-pipeline export", description=__doc__.split("\n\n")[1].strip(),
+        epilog="Reads: the model directory (--model; an adapter's base from --model-base or its own record). "
+               "Writes: the --out directory (new or empty) in the chosen --format, each file atomically.")
     parser.add_argument("--model", "--model-path", dest="model", required=True, help="trained model dir")
     parser.add_argument("--model-base", help="base model dir for an adapter dir that does not record its base")
     parser.add_argument("--format", required=True, choices=FORMATS)

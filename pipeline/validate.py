@@ -383,8 +383,11 @@ def settings_from_config(path: str, overrides: list[str]) -> tuple[ValidateSetti
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="llava-pipeline validate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llava-pipeline validate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Reads: the instruction JSON, its images and the tokenizer (or a config naming them). Writes: nothing "
+               "but the report: a summary on the console, every bad row with --report FILE.")
     parser.add_argument("--config", help="a run config (its instruct section) or an instruct stage config: data, "
                                           "images, tokenizer, template, max_len, tower and batching from there")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: dotted overrides")

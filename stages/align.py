@@ -83,8 +83,13 @@ def run(cfg: AlignConfig) -> dict:
     return train(cfg, *build(cfg))
 
 
+HELP = (__doc__.split("\n\n")[0] + " Reads: the language model and vision tower directories (model.llm, "
+        "model.vision_tower) and image-caption shards (shards). Writes: output_dir/mm_projector.safetensors, "
+        "model_config.json, config.yaml, metrics.jsonl, checkpoints/.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return common.stage_main(argv, name="align", description=__doc__.split("\n\n")[0], schema=SCHEMA,
+    return common.stage_main(argv, name="align", description=HELP, schema=SCHEMA,
                              train_sections=TRAIN_SECTIONS, run=run, entry=main)
 
 

@@ -242,8 +242,13 @@ def run(cfg: InstructConfig, eval_fn: Callable[[nn.Module, int], dict] | None = 
     return train(cfg, *build(cfg), eval_fn=eval_fn)
 
 
+HELP = (__doc__.split("\n\n")[0] + " Reads: stage 1's output (align_dir) or a model section, the instruction "
+        "JSON (data) and its images (image_folder). Writes: output_dir/final (a whole model, or an adapter + "
+        "projector on output_dir/base_model), config.yaml, metrics.jsonl, checkpoints/.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return common.stage_main(argv, name="instruct", description=__doc__.split("\n\n")[0], schema=SCHEMA,
+    return common.stage_main(argv, name="instruct", description=HELP, schema=SCHEMA,
                              train_sections=TRAIN_SECTIONS, run=run, entry=main)
 
 

@@ -161,7 +161,10 @@ def _encode_pair(item: dict, max_pixels: int) -> dict[str, bytes]:
 
 def shards_main(argv: list[str]) -> int:
     """Command line: image-caption pairs (a folder or a JSON list) -> webdataset shards."""
-    parser = argparse.ArgumentParser(prog="shards", description=shards_main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="llava-pipeline shards", description=shards_main.__doc__,
+        epilog="Reads: a folder of images with same-named .txt captions (--images), or a JSON list (--json) and the "
+               "images under --image-folder. Writes: the --out folder: pairs-*.tar shards and index.json.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images with same-named .txt captions")
     source.add_argument("--json", help="JSON list of {image, caption} or LLaVA stage-1 entries")
