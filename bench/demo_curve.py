@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from llava.data.collate import Collator
     from llava.data.instruct import InstructDataset
-    from pipeline.evaluate import answer_questions, read_questions, score_answers
-    from pipeline.loading import LoadedModel
+    from llava.evaluation import answer_questions, read_questions, score_answers
+    from llava.loading import LoadedModel
     from stages import instruct
     from stages.common import bind_stage
 

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
 
-    from pipeline.loading import ModelLoadError, load_model
+    from llava.loading import ModelLoadError, load_model
 
     try:
         loaded = load_model(args.model, base=args.model_base, vision_tower_dir=args.vision_tower, device=args.device,

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the saved dtype")
     args = parser.parse_args(argv)
 
-    from pipeline.loading import ModelLoadError, load_model
+    from llava.loading import ModelLoadError, load_model
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

@@ -102,7 +102,7 @@ class OpenAIJudge:
 
 
 def _tokens(text: str) -> list[str]:
-    from pipeline.evaluate import normalize_answer
+    from llava.evaluation import normalize_answer
 
     return normalize_answer(text).split()
 

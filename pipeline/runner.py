@@ -256,7 +256,7 @@ def _answer_turns(value) -> tuple[int, int]:
 
 @dataclass
 class EvalSection:
-    """Held-out evaluation of the final model (pipeline.evaluate)."""
+    """Held-out evaluation of the final model (llava.evaluation)."""
     model: str | None = None  # default: the instruct stage's final model
     question_file: str | None = None  # default: the generate stage's held-out questions
     image_folder: str | None = None  # default: the scenes stage's held-out images
@@ -513,8 +513,8 @@ def plan_eval(run: Run, cfg: EvalSection) -> Plan:
     heldout = run.output("scenes", "heldout_captions", needed_by="eval.robustness") if cfg.robustness else None
 
     def execute() -> dict:
-        from pipeline.evaluate import evaluate_model, format_score_table, read_questions
-        from pipeline.loading import load_model
+        from llava.evaluation import evaluate_model, format_score_table, read_questions
+        from llava.loading import load_model
 
         loaded = load_model(model)
         started = time.perf_counter()
@@ -552,7 +552,7 @@ def robustness_checks(run: Run, cfg: EvalSection, loaded, heldout_captions: str,
     from data_gen.records import read_captions
     from data_gen.scenes import render_scenes
     from data_gen.vqa import make_question_file
-    from pipeline.evaluate import evaluate_model, format_score_table
+    from llava.evaluation import evaluate_model, format_score_table
 
     scenes = bind(ScenesSection, run.config.scenes or {}, "scenes")
     generate = bind(GenerateSection, run.config.generate or {}, "generate")
@@ -586,8 +586,8 @@ def robustness_checks(run: Run, cfg: EvalSection, loaded, heldout_captions: str,
 def print_chat_example(run: Run, cfg: ChatExample) -> None:
     """Ask the final model one question about a held-out image, the way `llava-pipeline chat` would."""
     from pipeline.chat import ChatSession
-    from pipeline.evaluate import read_questions
-    from pipeline.loading import load_model
+    from llava.evaluation import read_questions
+    from llava.loading import load_model
 
     model = (run.config.eval or {}).get("model") or run.output("instruct", "final_model", needed_by="chat_example")
     image = cfg.image

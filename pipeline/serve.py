@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
               "--api-key is set: anyone who reaches this port can use the model", file=sys.stderr)
     import uvicorn
 
-    from pipeline.loading import ModelLoadError, load_model
+    from llava.loading import ModelLoadError, load_model
 
     try:
         loaded = load_model(args.model, base=args.model_base, vision_tower_dir=args.vision_tower, device=args.device,

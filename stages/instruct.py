@@ -145,8 +145,8 @@ def adapter_hooks() -> dict:
 # ---- evaluation during training ------------------------------------------------------------------------------------
 
 def question_file_eval(spec: EvalSpec, tokenizer, template: str, every: int) -> Callable[[nn.Module, int], dict]:
-    """Held-out exact match with pipeline.evaluate's batched greedy answering (imported only when asked for)."""
-    from pipeline.evaluate import make_eval_callback
+    """Held-out exact match with llava.evaluation's batched greedy answering (imported only when asked for)."""
+    from llava.evaluation import make_eval_callback
 
     return make_eval_callback(spec.question_file, spec.image_folder, every=max(every, 1), limit=spec.limit,
                               batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, tokenizer=tokenizer,

@@ -83,7 +83,7 @@ QUESTION_FAULTS = [
 
 @pytest.mark.parametrize("fault", cases(QUESTION_FAULTS))
 def test_eval_question_file_names_the_line(tmp_path, fault):
-    from pipeline.evaluate import QuestionFileError, read_questions
+    from llava.evaluation import QuestionFileError, read_questions
 
     path = three_lines(tmp_path, fault.line, GOOD_QUESTION, "questions.jsonl")
     with pytest.raises(QuestionFileError, match=re.escape(f"{path}:2: ") + fault.message):

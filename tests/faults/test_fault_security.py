@@ -204,7 +204,7 @@ def test_weights_only_loaders_still_read_plain_tensor_pickles(tmp_path):
 @pytest.fixture(scope="module")
 def loaded_tiny(tmp_path_factory):
     from faults_lib import make_tokenizer
-    from pipeline.loading import LoadedModel
+    from llava.loading import LoadedModel
     from test_fault_checkpoints import tiny_llava
 
     tokenizer = make_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
@@ -212,7 +212,7 @@ def loaded_tiny(tmp_path_factory):
 
 
 def _question_file(root: Path, image: str) -> list:
-    from pipeline.evaluate import read_questions
+    from llava.evaluation import read_questions
 
     path = root / "questions.jsonl"
     path.write_text(json.dumps({"question_id": "q1", "image": image, "text": "What is it?"}) + "\n")
@@ -232,7 +232,7 @@ EVAL_GAPS: dict[str, str] = {}  # eval-image faults the code does not handle yet
 def test_eval_question_images_stay_in_the_folder_and_are_size_checked(tmp_path, loaded_tiny, name, image, message):
     import re
 
-    from pipeline.evaluate import answer_questions
+    from llava.evaluation import answer_questions
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llava.generate import GenerationConfig
 from pipeline.chat import ChatSession
-from pipeline.loading import load_model
+from llava.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW = 10

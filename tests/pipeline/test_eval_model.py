@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from pipeline.evaluate import main, make_eval_callback
-from pipeline.loading import ModelLoadError, load_model
+from llava.evaluation import make_eval_callback
+from pipeline.evaluate import main
+from llava.loading import ModelLoadError, load_model
 
 QUESTIONS = [
     {"question_id": "a", "image": "red.png", "text": "What color is it?", "category": "color", "answer": "red"},

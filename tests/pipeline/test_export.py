@@ -10,7 +10,7 @@ import torch
 from llava.conversation import tokenize_conversation
 from llava.generate import GenerationConfig, generate
 from pipeline.export import main
-from pipeline.loading import load_model
+from llava.loading import load_model
 
 transformers = pytest.importorskip("transformers")
 

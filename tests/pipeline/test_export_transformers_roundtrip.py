@@ -14,7 +14,7 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_template, tokenize_conversation
 from llava.generate import GenerationConfig, generate
 from pipeline.export import main
-from pipeline.loading import load_model
+from llava.loading import load_model
 
 transformers = pytest.importorskip("transformers")
 

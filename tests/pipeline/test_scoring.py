@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from pipeline.evaluate import (QuestionFileError, answer_line, exact_match, format_score_table, main,
-                               normalize_answer, read_questions, score_answers, Question)
+from llava.evaluation import (Question, QuestionFileError, answer_line, exact_match, format_score_table,
+                              normalize_answer, read_questions, score_answers)
+from pipeline.evaluate import main
 
 
 @pytest.mark.parametrize("prediction, reference", [

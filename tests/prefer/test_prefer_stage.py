@@ -94,7 +94,7 @@ def full_run(prefer_data, tmp_path_factory):
 
 
 def test_full_tuning_logs_dpo_metrics_and_saves_a_loadable_model(full_run, prefer_data):
-    from pipeline.loading import load_model
+    from llava.loading import load_model
 
     rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -129,7 +129,7 @@ def test_kill_between_checkpoints_resumes_to_the_uninterrupted_result(full_run, 
 
 def test_lora_saves_an_adapter_on_the_stage2_model(prefer_data, tmp_path):
     from pipeline.cli import main
-    from pipeline.loading import load_model
+    from llava.loading import load_model
 
     out = tmp_path / "lora"
     config = _write(tmp_path / "lora.yaml", prefer_config(prefer_data, out, adapter={"method": "lora", "r": 2},

@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(model_dir):
-    from pipeline.loading import load_model
+    from llava.loading import load_model
 
     return load_model(model_dir, device="cpu")
 

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from serve_helpers import running
 
-    from pipeline.loading import load_model
+    from llava.loading import load_model
     from pipeline.serve import ServeSettings, create_app
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -37,7 +37,7 @@ def _as_plain(value):
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
 def test_stage_two_trains_with_the_method_named_in_the_config_file(method, align_run, scene_data, probe_batch,
                                                                     tmp_path):
-    from pipeline.loading import load_model
+    from llava.loading import load_model
     from stages import instruct
 
     out = tmp_path / method

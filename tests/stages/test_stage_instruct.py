@@ -62,7 +62,7 @@ def test_lora_saves_only_adapter_and_projector_and_reloads_with_the_same_logits(
     from safetensors.torch import load_file
 
     from llava.model.llama import Llama
-    from pipeline.loading import load_model
+    from llava.loading import load_model
     from stages import instruct
 
     calls = []

@@ -23,7 +23,7 @@ def test_two_ranks_align_zero2_then_instruct_zero3_full_and_lora(tmp_path, base_
     from llava.model.llama import Llama
     from llava.model.llava import LlavaModel
     from pipeline.cli import main
-    from pipeline.loading import load_model
+    from llava.loading import load_model
 
     train = {**MICRO_TRAIN, "max_steps": 3, "micro_batch_size": 2}
     align_file = _write(tmp_path / "align.yaml", {
