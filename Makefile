@@ -35,8 +35,5 @@ test: $(STAMP)
 clean:
 	rm -rf runs
 
-readme:
-	$(PY) docs/build_readme.py
-
 lock:
 	$(BIN)/pip freeze --all --exclude-editable > constraints.txt
