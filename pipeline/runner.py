@@ -694,7 +694,10 @@ def _stage_name(value: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llava-pipeline run", description="Run every configured stage in order (scenes, generate, base, align, "
-        "instruct, prefer, eval), skipping finished ones and resuming an interrupted one.")
+        "instruct, prefer, eval), skipping finished ones and resuming an interrupted one.",
+        epilog="Reads: the run config and what its sections name (captions, images, shards, model directories). "
+               "Writes: out_dir/config.yaml and one folder per stage under out_dir (its outputs, stage_config.yaml, "
+               "STARTED.json, then DONE.json when it finished); the folder is locked while any rank runs.")
     parser.add_argument("--config", required=True, help="run config (YAML/JSON), e.g. configs/tiny-demo.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. instruct.train.lr=1e-4")
