@@ -103,6 +103,7 @@ class LMSpec:
     block_size: int = 128  # tokens per training sequence (the text is packed)
     template: str = "vicuna_v1"  # how instruction conversations are rendered into pretraining text
     whole_documents: bool = False  # pack without cutting a document across blocks (PackedText)
+    answers_only: bool = False  # conversations train on their answers alone (as stage 2); plain texts on every token
     train: TrainConfig | None = None
 
 
@@ -363,17 +364,21 @@ def train_clip(cfg: BaseConfig, records: list[dict], tokenizer, out: Path) -> di
 # ---- language model ------------------------------------------------------------------------------------------------
 
 def lm_documents(captions: list[dict], conversations: list[list[dict]], tokenizer, template: str,
-                 texts: list[str] = ()) -> list[list[int]]:
-    """Token ids of every text: captions and plain `texts` as `<s> text </s>`, conversations exactly as stage 2
-    tokenizes them (same template, same `</s>` after answers) with the image placeholder left out."""
+                 texts: list[str] = (), answers_only: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(token ids, labels) of every text: captions and plain `texts` as `<s> text </s>` trained on every token,
+    conversations exactly as stage 2 tokenizes them (same template, same `</s>` after answers) with the image
+    placeholder left out, trained on every token or, with `answers_only`, on the answers alone (as stage 2)."""
     from llava.constants import IMAGE_TOKEN_INDEX
     from llava.conversation import tokenize_conversation
 
-    docs = [tokenizer.encode(caption, bos=True, eos=True) for record in captions for caption in record["captions"]]
-    docs += [tokenizer.encode(text, bos=True, eos=True) for text in texts]
+    plain = [tokenizer.encode(caption, bos=True, eos=True) for record in captions for caption in record["captions"]]
+    plain += [tokenizer.encode(text, bos=True, eos=True) for text in texts]
+    docs = [(ids, ids) for ids in plain]
     for conversation in conversations:
-        ids, _ = tokenize_conversation(conversation, tokenizer, template)
-        docs.append([t for t in ids if t != IMAGE_TOKEN_INDEX])
+        ids, labels = tokenize_conversation(conversation, tokenizer, template)
+        kept = [k for k, t in enumerate(ids) if t != IMAGE_TOKEN_INDEX]
+        ids = [ids[k] for k in kept]
+        docs.append((ids, [labels[k] for k in kept] if answers_only else ids))
     return docs
 
 
@@ -386,35 +391,36 @@ class PackedText(Dataset):
     asks about, which the reading corpus needs (cut documents taught the LLM to answer without looking: probe 0.34
     after 600 steps)."""
 
-    def __init__(self, documents: list[list[int]], block_size: int, seed: int, whole_documents: bool = False,
-                 pad_id: int = 0):
+    def __init__(self, documents: list[tuple[list[int], list[int]]], block_size: int, seed: int,
+                 whole_documents: bool = False, pad_id: int = 0):
         order = list(range(len(documents)))
         random.Random(seed).shuffle(order)
-        self.labels = None
         if whole_documents:
-            blocks: list[list[int]] = [[]]
+            blocks: list[tuple[list[int], list[int]]] = [([], [])]
             for i in order:
-                document = documents[i][:block_size]
-                if len(blocks[-1]) + len(document) > block_size:
-                    blocks.append([])
-                blocks[-1] += document
+                ids, labels = (part[:block_size] for part in documents[i])
+                if len(blocks[-1][0]) + len(ids) > block_size:
+                    blocks.append(([], []))
+                blocks[-1][0].extend(ids)
+                blocks[-1][1].extend(labels)
             self.blocks = torch.full((len(blocks), block_size), pad_id, dtype=torch.long)
             self.labels = torch.full((len(blocks), block_size), -100, dtype=torch.long)
-            for k, block in enumerate(blocks):
-                self.blocks[k, :len(block)] = self.labels[k, :len(block)] = torch.tensor(block, dtype=torch.long)
+            for k, (ids, labels) in enumerate(blocks):
+                self.blocks[k, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                self.labels[k, :len(labels)] = torch.tensor(labels, dtype=torch.long)
             return
-        stream = torch.tensor([t for i in order for t in documents[i]], dtype=torch.long)
+        stream = torch.tensor([t for i in order for t in documents[i][0]], dtype=torch.long)
+        labels = torch.tensor([t for i in order for t in documents[i][1]], dtype=torch.long)
         n_blocks = len(stream) // block_size
         if n_blocks < 1:
             raise ConfigError(f"lm: the corpus has {len(stream)} tokens, fewer than one block of {block_size}")
         self.blocks = stream[:n_blocks * block_size].view(n_blocks, block_size)
+        self.labels = labels[:n_blocks * block_size].view(n_blocks, block_size)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict:
-        if self.labels is None:
-            return {"input_ids": self.blocks[i]}
         return {"input_ids": self.blocks[i], "labels": self.labels[i]}
 
 
@@ -528,8 +534,8 @@ def run(cfg: BaseConfig) -> dict:
     timings["clip_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    documents = lm_documents(records, conversations, tokenizer, cfg.lm.template, texts)
-    common.log(f"[base] LM corpus: {len(documents)} documents, {sum(map(len, documents))} tokens")
+    documents = lm_documents(records, conversations, tokenizer, cfg.lm.template, texts, cfg.lm.answers_only)
+    common.log(f"[base] LM corpus: {len(documents)} documents, {sum(len(ids) for ids, _ in documents)} tokens")
     lm_metrics = train_lm(cfg, documents, tokenizer, out / LLM_DIR)
     timings["lm_s"] = time.perf_counter() - started
     common.log("[base] " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
