@@ -612,8 +612,13 @@ def check_manifest(dest: Path) -> dict:
     return manifest
 
 
+HELP = (__doc__.split("\n\n")[0] + " Reads: the captions JSONL with its images (captions) and instruction JSON "
+        "(instruct_data). Writes: output_dir/tokenizer.model, clip/, llm/, their training folders (metrics.jsonl, "
+        "checkpoints/), and with ship_to the shipped copy plus manifest.json.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return common.stage_main(argv, name="base", description=__doc__.split("\n\n")[0], schema=SCHEMA,
+    return common.stage_main(argv, name="base", description=HELP, schema=SCHEMA,
                              train_sections=TRAIN_SECTIONS, run=run, entry=main)
 
 
