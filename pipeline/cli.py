@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("llava.data.pairs:shards_main", "write webdataset image-caption shards from a folder or a JSON list"),
     "generate": ("data_gen.cli:generate_main", "write LLaVA instruction data from captions + boxes (openai | offline)"),
     "validate": ("pipeline.validate:main", "pre-flight scan of a dataset the way training reads it"),
+    "plan": ("pipeline.plan:main", "parameter counts, memory per GPU, time and a fits/does-not-fit verdict"),
     "base": ("stages.base:main", "demo only: pretrain a tiny CLIP + tokenizer + tiny LLaMA on scene data"),
     "align": ("stages.align:main", "stage 1: train the projector on image-caption pairs"),
     "instruct": ("stages.instruct:main", "stage 2: tune projector + LLM (or adapters) on instruction data"),
@@ -24,7 +25,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pipeline.serve:main", "OpenAI-compatible chat API (streaming, batched) and a web chat page"),
     "export": ("pipeline.export:main", "merged model, Hugging Face LLaMA, or transformers LLaVA layout"),
     "run": ("pipeline.runner:main", "run every stage of a config file in order, skipping finished ones"),
-    "plan": ("pipeline.plan:main", "parameter counts, memory per GPU, time and a fits/does-not-fit verdict"),
 }
 
 
