@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_gen.prompting import stable_rng
 from data_gen.records import read_captions
-from data_gen.vqa import CATEGORIES, SHORT_ANSWER_SUFFIX, ShortQuestion, ask
+from data_gen.vqa import CATEGORIES, SHORT_ANSWER_SUFFIX, QuestionDealer, ShortQuestion
 from data_gen.world import Vocabulary, plural, with_article
 from llava.io import atomic_write_text
 
@@ -82,25 +82,13 @@ def make_paraphrase_file(captions_jsonl: str | os.PathLike, out_jsonl: str | os.
     records, _ = read_captions(captions_jsonl)
     vocabulary = Vocabulary.from_boxes(b for r in records for b in r.boxes)
     lines, counts = [], {c: 0 for c in CATEGORIES}
-    turn, want_yes = 0, True
+    dealer = QuestionDealer(vocabulary)
     for record in records:
         rng = stable_rng(seed, record.id, "paraphrase-file")
-        asked: set = set()
-        for _ in range(per_image):
-            for _ in range(2 * len(CATEGORIES)):
-                category = CATEGORIES[turn % len(CATEGORIES)]
-                turn += 1
-                question = ask(category, record, vocabulary, rng, want_yes)
-                if question and question.fact not in asked:
-                    break
-            else:
-                continue
-            if category == "exist":
-                want_yes = not want_yes
-            asked.add(question.fact)
+        for k, (category, question) in enumerate(dealer.deal(record, rng, per_image)):
             counts[category] += 1
             question = rephrase(question, templates, rng)
-            lines.append(json.dumps({"question_id": f"{record.id}_p{len(asked) - 1}", "image": record.image,
+            lines.append(json.dumps({"question_id": f"{record.id}_p{k}", "image": record.image,
                                      "text": question.question + SHORT_ANSWER_SUFFIX, "category": category,
                                      "answer": question.answer}))
     atomic_write_text(out_jsonl, "".join(line + "\n" for line in lines))

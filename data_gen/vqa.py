@@ -19,7 +19,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from data_gen import world
 from data_gen.prompting import stable_rng
@@ -187,6 +187,34 @@ def short_answer_turns(record: CaptionRecord, vocabulary: Vocabulary, seed: int 
     return asked
 
 
+class QuestionDealer:
+    """Deals short-answer questions to a sequence of images: categories round-robin over all of them (a category
+    without a safe question for an image passes to the next), `exist` answers alternating Yes/No, no fact asked twice
+    of one image. Eval question files of every wording share it, so their category mix is the same."""
+
+    def __init__(self, vocabulary: Vocabulary):
+        self.vocabulary = vocabulary
+        self.turn, self.want_yes = 0, True
+
+    def deal(self, record: CaptionRecord, rng: random.Random, per_image: int) -> Iterator[tuple[str, ShortQuestion]]:
+        """Up to `per_image` (category, question) pairs for `record`, drawn lazily: a caller may draw from `rng`
+        between two questions."""
+        asked: set[tuple[str, str]] = set()
+        for _ in range(per_image):
+            for _ in range(2 * len(CATEGORIES)):
+                category = CATEGORIES[self.turn % len(CATEGORIES)]
+                self.turn += 1
+                question = ask(category, record, self.vocabulary, rng, self.want_yes)
+                if question and question.fact not in asked:
+                    break
+            else:
+                continue
+            if category == "exist":
+                self.want_yes = not self.want_yes
+            asked.add(question.fact)
+            yield category, question
+
+
 def make_question_file(captions_jsonl: str | os.PathLike, out_jsonl: str | os.PathLike, seed: int = 0,
                        per_image: int = 3, open_every: int = 10, skip_bad: bool = False) -> dict:
     """Write an eval question file: lines {"question_id", "image", "text", "category", "answer"}.
@@ -199,25 +227,14 @@ def make_question_file(captions_jsonl: str | os.PathLike, out_jsonl: str | os.Pa
     vocabulary = Vocabulary.from_boxes(b for r in records for b in r.boxes)
     lines: list[str] = []
     counts: Counter = Counter()
-    turn, want_yes = 0, True
+    dealer = QuestionDealer(vocabulary)
     for image_index, record in enumerate(records):
         rng = stable_rng(seed, record.id, "question-file")
-        asked: set[tuple[str, str]] = set()
-        for _ in range(per_image):
-            for _ in range(2 * len(CATEGORIES)):
-                category = CATEGORIES[turn % len(CATEGORIES)]
-                turn += 1
-                question = ask(category, record, vocabulary, rng, want_yes)
-                if question and question.fact not in asked:
-                    break
-            else:
-                continue
+        for k, (category, question) in enumerate(dealer.deal(record, rng, per_image)):
             if category == "exist":
-                want_yes = not want_yes
                 counts[f"exist_{question.answer.lower()}"] += 1
-            asked.add(question.fact)
             counts[category] += 1
-            lines.append(json.dumps({"question_id": f"{record.id}_q{len(asked) - 1}", "image": record.image,
+            lines.append(json.dumps({"question_id": f"{record.id}_q{k}", "image": record.image,
                                      "text": question.text, "category": category, "answer": question.answer}))
         if open_every and image_index % open_every == 0:
             counts["open"] += 1
