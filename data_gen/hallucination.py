@@ -4,8 +4,10 @@ descriptions that are not in the image). Pure functions on text and boxes: `llav
 hallucinated objects from the same co-occurrence statistics.
 
 An object *kind* is what an existence question names: "red circle" for a scene shape (colour + shape, size ignored),
-the label itself for anything else ("dog"). Kinds missing from an image's boxes are taken to be absent: true for the
-closed scene world and for COCO, whose 80 categories are annotated exhaustively.
+the label itself for anything else ("dog"). A kind is absent from an image when it has neither a box nor a crowd
+region there and no caption of the image names it (data_gen.world.mentions: the name, a synonym or a plural), so a
+"no" of POPE or a hallucination of a preference pair never contradicts the image's own text ("A puppy sleeps on the
+couch" with only the couch boxed: dog is not absent). Crowd regions count as present.
 
 POPE (Li et al., 2023): per image, present kinds ("yes") and as many absent ones ("no") sampled three ways: `random`
 (any absent kind), `popular` (the absent kinds most frequent in the data set), `adversarial` (the absent kinds that
@@ -77,15 +79,19 @@ class KindStats:
     def kinds(self) -> list[str]:
         return sorted(self.frequency)
 
-    def absent(self, present: Sequence[str]) -> list[str]:
-        return [k for k in self.kinds if k not in set(present)]
+    def absent(self, present: Sequence[str], captions: Sequence[str] = ()) -> list[str]:
+        """Kinds of the data set that are not in the image: not among its boxes or crowd regions (`present`) and not
+        named by its captions (world.mentions), so a "no" never contradicts what the image's own text says."""
+        present = set(present)
+        return [k for k in self.kinds if k not in present and not world.mentions(captions, k)]
 
     def cooccurrence(self, kind: str, present: Sequence[str]) -> int:
         return sum(self.together.get(p, Counter())[kind] for p in present)
 
-    def rank_absent(self, present: Sequence[str], split: str, rng: random.Random) -> list[str]:
+    def rank_absent(self, present: Sequence[str], split: str, rng: random.Random,
+                    captions: Sequence[str] = ()) -> list[str]:
         """Absent kinds in the order a POPE split takes them (ties broken by `rng`, so files are reproducible)."""
-        absent = self.absent(present)
+        absent = self.absent(present, captions)
         rng.shuffle(absent)
         if split == "random":
             return absent
@@ -95,10 +101,10 @@ class KindStats:
             return sorted(absent, key=lambda k: -self.cooccurrence(k, present))
         raise ValueError(f"unknown POPE split {split!r}; splits: {', '.join(POPE_SPLITS)}")
 
-    def draw_absent(self, present: Sequence[str], rng: random.Random) -> str | None:
+    def draw_absent(self, present: Sequence[str], rng: random.Random, captions: Sequence[str] = ()) -> str | None:
         """One absent kind, drawn with weight (co-occurrences with the present kinds + 1): the hallucinations a
         model is most tempted by are the objects that usually come with what it sees."""
-        absent = self.absent(present)
+        absent = self.absent(present, captions)
         if not absent:
             return None
         return rng.choices(absent, weights=[self.cooccurrence(k, present) + 1 for k in absent])[0]
@@ -123,7 +129,7 @@ def make_pope_file(captions_jsonl: str | os.PathLike, out_jsonl: str | os.PathLi
             rng = stable_rng(seed, record.id, "pope", split)
             present = record_kinds(record)
             yes = rng.sample(present, min(per_image, len(present)))
-            no = stats.rank_absent(present, split, rng)[:len(yes)]
+            no = stats.rank_absent(present, split, rng, record.captions)[:len(yes)]
             for kind, label in [(k, "yes") for k in yes[:len(no)]] + [(k, "no") for k in no]:
                 lines.append(json.dumps({"question_id": f"{split}_{len(lines)}", "image": record.image,
                                          "text": POPE_QUESTION.format(with_article(kind)) + suffix, "label": label,

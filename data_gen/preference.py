@@ -29,6 +29,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
@@ -172,13 +173,13 @@ def perturb(record: CaptionRecord, kind: str, stats: KindStats, rng: random.Rand
     boxes = list(record.boxes)
     objects = world.read_objects(boxes)
     if kind == "object":  # replaced, not added: the rejected answer is as long as the chosen one, so length is
-        new = stats.draw_absent(record_kinds(record), rng)  # no shortcut to a DPO margin
+        new = stats.draw_absent(record_kinds(record), rng, record.captions)  # no shortcut to a DPO margin
         if new is None or not boxes:
             return None
         i = rng.randrange(len(boxes))
         size = world.parse_scene_label(boxes[i].label)[0]
         label = f"{size} {new}" if size and world.parse_scene_label(new)[2] else new
-        return boxes[:i] + [Box(label, boxes[i].bbox)] + boxes[i + 1:]
+        return boxes[:i] + [replace(boxes[i], label=label)] + boxes[i + 1:]  # a crowd stays a crowd
     if kind == "count":
         centre = _free_cell(boxes, rng)
         if not boxes or centre is None:
@@ -192,16 +193,18 @@ def perturb(record: CaptionRecord, kind: str, stats: KindStats, rng: random.Rand
         i = rng.choice(options)
         size, colour, shape = world.parse_scene_label(boxes[i].label)
         present = record_kinds(record)
-        absent = [c for c in world.SCENE_COLOURS if f"{c} {shape}" not in present]
+        absent = [c for c in world.SCENE_COLOURS
+                  if f"{c} {shape}" not in present and not world.mentions(record.captions, f"{c} {shape}")]
         if not absent:
             return None
         weights = [stats.cooccurrence(f"{c} {shape}", present) + 1 for c in absent]
         recoloured = " ".join(w for w in (size, rng.choices(absent, weights=weights)[0], shape) if w)
-        return boxes[:i] + [Box(recoloured, boxes[i].bbox)] + boxes[i + 1:]
-    if kind == "position":
-        if not boxes:
+        return boxes[:i] + [replace(boxes[i], label=recoloured)] + boxes[i + 1:]
+    if kind == "position":  # a crowd region has no position to move
+        single = [i for i, box in enumerate(boxes) if not box.crowd]
+        if not single:
             return None
-        i = rng.randrange(len(boxes))
+        i = rng.choice(single)
         others = boxes[:i] + boxes[i + 1:]
         centre = _free_cell(others, rng)
         moved = _box_at(boxes[i].label, centre, min(boxes[i].bbox[2] - boxes[i].bbox[0], 0.3)) if centre else None
@@ -247,7 +250,7 @@ def short_pair(record: CaptionRecord, stats: KindStats, vocabulary: Vocabulary, 
     for category in rng.sample(("exist", "color", "count", "position"), 4):
         if category == "exist":
             if rng.random() < 0.5:
-                absent = stats.draw_absent(present, rng)
+                absent = stats.draw_absent(present, rng, record.captions)
                 if absent is None:
                     continue
                 question = f"Is there {with_article(absent)} in the image?"
