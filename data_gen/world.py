@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 from data_gen.records import Box
@@ -316,22 +317,28 @@ _NOT_ADJECTIVES = {"a", "an", "the", "and", "or", "with", "of", "in", "on", "at"
                    "her", "their", "its", "other", "more", "than", "are", "is"}
 
 
-def _caption_words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+@lru_cache(maxsize=1 << 16)  # every question asked of an image reads its captions again
+def _caption_words(text: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 def _occurs(phrase: str, words: Sequence[str]) -> list[int]:
     """Indices in `words` where the word sequence of `phrase` starts."""
-    target = phrase.lower().split()
-    return [i for i in range(len(words) - len(target) + 1) if list(words[i:i + len(target)]) == target]
+    target = tuple(phrase.lower().split())
+    return [i for i in range(len(words) - len(target) + 1) if tuple(words[i:i + len(target)]) == target]
 
 
 def mentions(captions: Iterable[str], noun: str) -> bool:
     """Whether a caption names `noun` (a label such as "traffic light" or "red circle"), one of its SYNONYMS, or one
     of their plurals, as whole words."""
-    terms = (noun, *SYNONYMS.get(noun, ()))
-    phrases = {form for term in terms for form in (term, plural(term))}
-    return any(_occurs(phrase, _caption_words(c)) for c in captions for phrase in phrases)
+    phrases = _noun_phrases(noun)
+    return any(_occurs(phrase, words) for words in map(_caption_words, captions) for phrase in phrases)
+
+
+@lru_cache(maxsize=None)
+def _noun_phrases(noun: str) -> frozenset[str]:
+    """The noun, its SYNONYMS and their plurals."""
+    return frozenset(form for term in (noun, *SYNONYMS.get(noun, ())) for form in (term, plural(term)))
 
 
 def _amount(word: str) -> int | str | None:
