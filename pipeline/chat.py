@@ -99,24 +99,30 @@ def generation_config(args, loaded):
                             seed=args.seed)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say which model to load and how (llava.loading.load_model's arguments); `chat` and `serve`
+    load a model the same way."""
+    parser.add_argument("--model", "--model-path", dest="model", required=True,
+                        help="trained model dir (full, adapter, merged, or a LLaVA-1.5 HF dir)")
+    parser.add_argument("--model-base", help="base model dir for an adapter dir that does not record its base")
+    parser.add_argument("--vision-tower", help="local HF CLIP dir, for a LLaVA-1.5 directory")
+    parser.add_argument("--conv-mode", help="template name (default: the one saved with the model)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llava-pipeline chat", description=__doc__.split("\n\n")[0],
         epilog="Reads: the model directory (--model) and the image (--image). Writes: nothing to disk; the answers "
                "stream to the console.")
-    parser.add_argument("--model", "--model-path", dest="model", required=True,
-                        help="trained model dir (full, adapter, merged, or a LLaVA-1.5 HF dir)")
-    parser.add_argument("--model-base", help="base model dir for an adapter dir that does not record its base")
-    parser.add_argument("--vision-tower", help="local HF CLIP dir, for a LLaVA-1.5 directory")
+    add_model_arguments(parser)
     parser.add_argument("--image", help="image file to talk about (optional)")
     parser.add_argument("--prompt", help="answer this once and exit (default: interactive chat)")
-    parser.add_argument("--conv-mode", help="template name (default: the one saved with the model)")
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2, as LLaVA's CLI)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, help="fixes sampling")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
 
     from llava.loading import ModelLoadError, load_model

@@ -36,6 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from pipeline.chat import add_model_arguments
 from pipeline.serve_requests import APIError, ChatRequest, ImageLimits, bad_request, parse_body, parse_chat_request
 
 STATIC = Path(__file__).with_name("static")
@@ -347,11 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Reads: the model directory (--model) and images sent in requests (data: URLs, or paths inside "
                "--image-folder). Writes: nothing to disk; answers HTTP on --host:--port (web chat page at /, OpenAI "
                "API at /v1, GET /health).")
-    parser.add_argument("--model", "--model-path", dest="model", required=True,
-                        help="trained model dir (full, adapter, merged, or a LLaVA-1.5 HF dir)")
-    parser.add_argument("--model-base", help="base model dir for an adapter dir that does not record its base")
-    parser.add_argument("--vision-tower", help="local HF CLIP dir, for a LLaVA-1.5 directory")
-    parser.add_argument("--conv-mode", help="template name (default: the one saved with the model)")
+    add_model_arguments(parser)
     parser.add_argument("--model-name", help="the name clients send as 'model' (default: from the directory)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                             "only; 0.0.0.0 opens it to the network)")
@@ -369,8 +366,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest encoded image; larger gets 413 (default 10 MiB)")
     parser.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels,
                         help="largest width x height of an image; larger gets 400 (default 4096 x 4096)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
 
     if args.image_folder is not None and not args.image_folder.is_dir():
