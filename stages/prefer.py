@@ -211,20 +211,11 @@ class PreferenceDataset(Dataset):
         return {"id": pair["id"], "chosen": chosen, "rejected": rejected, "image": image}
 
     def __getitem__(self, i: int) -> dict:
-        from llava.data.errors import DataError, log
+        from llava.data.errors import load_or_replace
 
-        skipped = 0
-        for attempt in range(min(len(self), 100)):
-            try:
-                sample = self._load((i + attempt) % len(self))
-                sample["skipped"] = skipped
-                return sample
-            except DataError as e:
-                if self.on_error == "stop":
-                    raise
-                log.warning("%s (skipped)", e)
-                skipped += 1
-        raise DataError(f"{self.path}: {skipped} pairs in a row failed to load; is image_folder right?")
+        return load_or_replace(self._load, ((i + k) % len(self) for k in range(min(len(self), 100))), self.on_error,
+                               lambda skipped: f"{self.path}: {skipped} pairs in a row failed to load; is "
+                                               "image_folder right?")
 
 
 def collate_pairs(pad_id: int):

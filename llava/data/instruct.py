@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import (ConversationError, get_template, length_profile, token_lengths,
                                 tokenize_conversation)
-from llava.data.errors import DataError, check_on_error, log
+from llava.data.errors import DataError, check_on_error, load_or_replace, log
 from llava.data.images import DEFAULT_MAX_PIXELS, ImageError, open_rgb
 
 MAX_REPLACEMENT_TRIES = 100  # a run of failures this long means a wrong image_folder, not a few bad files
@@ -148,19 +148,11 @@ class InstructDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         group = self._by_modality[bool(self.has_image[i])]
         start = int(np.searchsorted(group, i))
-        skipped = 0
-        for attempt in range(min(len(group), MAX_REPLACEMENT_TRIES)):
-            try:
-                sample = self._load(int(group[(start + attempt) % len(group)]))
-                sample["skipped"] = skipped
-                return sample
-            except DataError as e:
-                if self.on_error == "stop":
-                    raise
-                log.warning("%s (skipped)", e)
-                skipped += 1
-        raise DataError(f"{self.json_path}: {skipped} samples in a row failed to load around entry "
-                        f"{self.json_index[i]}; is image_folder ({self.image_folder}) right?")
+        candidates = (int(group[(start + k) % len(group)]) for k in range(min(len(group), MAX_REPLACEMENT_TRIES)))
+        return load_or_replace(
+            self._load, candidates, self.on_error,
+            lambda skipped: f"{self.json_path}: {skipped} samples in a row failed to load around entry "
+                            f"{self.json_index[i]}; is image_folder ({self.image_folder}) right?")
 
     def _load(self, i: int) -> dict:
         record = self.record(i)
