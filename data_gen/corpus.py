@@ -5,7 +5,11 @@ LLaVA starts from an LLM that already reads facts from its context; the tiny dem
 the scene world alone (no image is rendered: scenes are sampled and written out). A document is a scene as text in
 place of the image, then either
 - short-answer questions about it (every category of data_gen.vqa, in its templates and in the extra phrasings of
-  data_gen.paraphrases.CORPUS_TEMPLATES), in the chat template stage 2 uses;
+  data_gen.paraphrases.CORPUS_TEMPLATES), written in one of two styles (`CorpusSpec.style`):
+  - "qa", a reading text: `Objects: ...` then `Q: <question>` / `A: <answer>` lines, trained on the answers alone. It
+    puts every trained token right after the facts it needs, which is what teaches a tiny LLM to look things up in
+    its context (text probe 0.43 -> 0.9 on the same model; docs/demo.md);
+  - "chat", the chat template stage 2 uses (with the short-answer instruction after every question);
 - a conversation, a detailed description or a reasoning answer of the offline generator (data_gen.offline);
 - a caption (data_gen.scenes' phrasings), after the scene as plain text, as stage 1 reads an image then its caption.
 The scenes are drawn from their own seed stream ("corpus"), so they are not the demo's training or held-out scenes.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from data_gen import world
 from data_gen.offline import OfflineBackend
@@ -26,6 +31,7 @@ from data_gen.world import Vocabulary
 
 SCENE_PREFIX = "Objects: "
 LONG_TYPES = ("conversation", "detail", "reasoning")
+STYLES = ("qa", "chat")
 
 
 @dataclass
@@ -37,6 +43,17 @@ class CorpusSpec:
     long_fraction: float = 0.3  # share of scenes that also get one offline conversation/detail/reasoning document
     caption_fraction: float = 0.5  # share of scenes that also get a caption document
     paraphrase_fraction: float = 0.3  # share of short-answer questions asked in a CORPUS_TEMPLATES phrasing
+    style: str = "chat"  # short-answer documents: "qa" reading texts or "chat" conversations (see above)
+
+    def __post_init__(self):
+        if self.style not in STYLES:
+            raise ValueError(f"corpus.style: {self.style!r} is not one of {', '.join(STYLES)}")
+
+
+class Corpus(NamedTuple):
+    conversations: list[list[dict]]  # LLaVA's format, the scene as text in place of `<image>`
+    texts: list[str]  # plain texts trained on every token: a scene then one of its captions
+    readings: list[list[tuple[str, bool]]]  # "qa" documents as (text, trained) segments: only answers are trained
 
 
 def scene_record(seed: int, index: int, canvas: int) -> CaptionRecord:
@@ -84,18 +101,31 @@ def _conversation(scene: str, turns: list[dict]) -> list[dict]:
     return out
 
 
-def documents(spec: CorpusSpec) -> tuple[list[list[dict]], list[str]]:
-    """(conversations in LLaVA's format with the scene as text in place of `<image>`, plain texts: scene then
-    caption). Depends only on `spec`: the same spec gives the same corpus."""
+def reading_question(question: str) -> str:
+    """A short-answer question as a "qa" reading line asks it: without LLaVA's short-answer instruction."""
+    return "\nQ: " + question.removesuffix(SHORT_ANSWER_SUFFIX) + "\nA:"
+
+
+def _reading(scene: str, turns: list[dict]) -> list[tuple[str, bool]]:
+    segments = [(scene, False)]
+    for turn in turns:
+        segments += [(reading_question(turn["question"]), False), (" " + turn["answer"], True)]
+    return segments
+
+
+def documents(spec: CorpusSpec) -> Corpus:
+    """The corpus of `spec` (see Corpus). Depends only on `spec`: the same spec gives the same corpus."""
     backend = OfflineBackend(Vocabulary(), seed=spec.seed)
     low, high = spec.short_answers
-    conversations: list[list[dict]] = []
-    texts: list[str] = []
+    corpus = Corpus([], [], [])
+    conversations, texts = corpus.conversations, corpus.texts
     for index in range(spec.scenes):
         record = scene_record(spec.seed, index, spec.canvas)
         rng = stable_rng(spec.seed, record.id, "corpus")
         turns = short_answer_questions(record, rng, rng.randint(low, high), spec.paraphrase_fraction)
-        if turns:
+        if turns and spec.style == "qa":
+            corpus.readings.append(_reading(scene_as_text(record, rng), turns))
+        elif turns:
             conversations.append(_conversation(scene_as_text(record, rng), turns))
         if rng.random() < spec.long_fraction:
             turns = backend.generate(record, rng.choice(LONG_TYPES))
@@ -103,7 +133,7 @@ def documents(spec: CorpusSpec) -> tuple[list[list[dict]], list[str]]:
                 conversations.append(_conversation(scene_as_text(record, rng), turns))
         if rng.random() < spec.caption_fraction:
             texts.append(f"{scene_as_text(record, rng)}\n{rng.choice(record.captions)}")
-    return conversations, texts
+    return corpus
 
 
 def probe_questions(count: int, seed: int, canvas: int = 64) -> list[dict]:

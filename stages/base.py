@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from data_gen.corpus import CorpusSpec
+from llava.constants import IGNORE_INDEX
 from stages.config import ConfigError
 from stages import common
 from stages.trainer import TrainConfig
@@ -103,6 +104,7 @@ class LMSpec:
     block_size: int = 128  # tokens per training sequence (the text is packed)
     template: str = "vicuna_v1"  # how instruction conversations are rendered into pretraining text
     whole_documents: bool = False  # pack without cutting a document across blocks (PackedText)
+    one_per_block: bool = False  # one document per block, padded: no other document in its context (PackedText)
     answers_only: bool = False  # conversations train on their answers alone (as stage 2); plain texts on every token
     train: TrainConfig | None = None
 
@@ -363,17 +365,33 @@ def train_clip(cfg: BaseConfig, records: list[dict], tokenizer, out: Path) -> di
 
 # ---- language model ------------------------------------------------------------------------------------------------
 
+def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """`<s>` and each (text, trained) segment encoded on its own: (ids, labels), labels -100 where not trained. The
+    text probe encodes its prompts the same way, so it asks exactly as the corpus does."""
+    ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
+    for text, trained in segments:
+        piece = tokenizer.encode(text)
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
 def lm_documents(captions: list[dict], conversations: list[list[dict]], tokenizer, template: str,
-                 texts: list[str] = (), answers_only: bool = False) -> list[tuple[list[int], list[int]]]:
+                 texts: list[str] = (), answers_only: bool = False,
+                 readings: list[list[tuple[str, bool]]] = ()) -> list[tuple[list[int], list[int]]]:
     """(token ids, labels) of every text: captions and plain `texts` as `<s> text </s>` trained on every token,
     conversations exactly as stage 2 tokenizes them (same template, same `</s>` after answers) with the image
-    placeholder left out, trained on every token or, with `answers_only`, on the answers alone (as stage 2)."""
+    placeholder left out, trained on every token or, with `answers_only`, on the answers alone (as stage 2), and
+    reading documents (data_gen.corpus, style "qa") trained on their answers and the closing `</s>`."""
     from llava.constants import IMAGE_TOKEN_INDEX
     from llava.conversation import tokenize_conversation
 
     plain = [tokenizer.encode(caption, bos=True, eos=True) for record in captions for caption in record["captions"]]
     plain += [tokenizer.encode(text, bos=True, eos=True) for text in texts]
     docs = [(ids, ids) for ids in plain]
+    for segments in readings:
+        ids, labels = encode_segments(tokenizer, segments)
+        docs.append((ids + [tokenizer.eos_id], labels + [tokenizer.eos_id]))
     for conversation in conversations:
         ids, labels = tokenize_conversation(conversation, tokenizer, template)
         kept = [k for k, t in enumerate(ids) if t != IMAGE_TOKEN_INDEX]
@@ -389,17 +407,20 @@ class PackedText(Dataset):
     With `whole_documents`, a document that does not fit in the rest of a block starts the next one (a longer one
     is cut to a block) and the rest is padding without loss (`labels` -100): a question then never loses the scene it
     asks about, which the reading corpus needs (cut documents taught the LLM to answer without looking: probe 0.34
-    after 600 steps)."""
+    after 600 steps). With `one_per_block` as well, every document has a block of its own: attention is causal over
+    the whole block, so a question packed after another scene also sees that scene's objects, distractors a reader of
+    one image never has (NextTokenObjective drops the padding columns no label needs, so this costs little).
+    """
 
     def __init__(self, documents: list[tuple[list[int], list[int]]], block_size: int, seed: int,
-                 whole_documents: bool = False, pad_id: int = 0):
+                 whole_documents: bool = False, pad_id: int = 0, one_per_block: bool = False):
         order = list(range(len(documents)))
         random.Random(seed).shuffle(order)
-        if whole_documents:
+        if whole_documents or one_per_block:
             blocks: list[tuple[list[int], list[int]]] = [([], [])]
             for i in order:
                 ids, labels = (part[:block_size] for part in documents[i])
-                if len(blocks[-1][0]) + len(ids) > block_size:
+                if blocks[-1][0] and (one_per_block or len(blocks[-1][0]) + len(ids) > block_size):
                     blocks.append(([], []))
                 blocks[-1][0].extend(ids)
                 blocks[-1][1].extend(labels)
@@ -425,34 +446,48 @@ class PackedText(Dataset):
 
 
 class NextTokenObjective(nn.Module):
-    """Causal LM loss over every position of a packed block (but padding, where `labels` are -100)."""
+    """Causal LM loss over every position of a packed block (but padding, where `labels` are -100). Columns after the
+    batch's last trained label are dropped before the forward pass: causal attention makes them unable to change
+    any trained position, so the loss is the same and padded blocks cost what their longest document costs."""
 
     def __init__(self, llm: nn.Module):
         super().__init__()
         self.llm = llm
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        if labels is not None:
+            trained = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+            end = int(trained[-1]) + 2 if len(trained) else 2
+            input_ids, labels = input_ids[:, :end], labels[:, :end]
         logits = self.llm(input_ids[:, :-1])
         targets = input_ids if labels is None else labels
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
         return {"loss": loss, "logits": logits}
 
 
-def text_probe(llm: nn.Module, tokenizer, questions: list[dict], template: str, batch_size: int = 50) -> dict:
-    """Reading from context, without images: each held-out scene as text, then one short-answer question; the greedy
-    answer must equal the reference (case and a final period aside). {"probe": overall, "probe_<category>": ...}."""
+def text_probe(llm: nn.Module, tokenizer, questions: list[dict], template: str, batch_size: int = 50,
+               style: str = "chat") -> dict:
+    """Reading from context, without images: each held-out scene as text, then one short-answer question, asked in
+    the corpus's style ("chat": the chat template with the short-answer instruction; "qa": a `Q:`/`A:` reading
+    line); the greedy answer (its first line) must equal the reference (case and a final period aside).
+    {"probe": overall, "probe_<category>": ...}."""
+    from data_gen.corpus import reading_question
     from llava.conversation import tokenize_conversation
     from llava.generate import GenerationConfig, generate
 
-    prompts = [tokenize_conversation([{"from": "human", "value": f"{q['scene']}\n{q['question']}"}], tokenizer,
-                                     template, add_generation_prompt=True)[0] for q in questions]
+    if style == "qa":
+        prompts = [encode_segments(tokenizer, [(q["scene"], False), (reading_question(q["question"]), False)])[0]
+                   for q in questions]
+    else:
+        prompts = [tokenize_conversation([{"from": "human", "value": f"{q['scene']}\n{q['question']}"}], tokenizer,
+                                         template, add_generation_prompt=True)[0] for q in questions]
     answers = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             answers += generate(llm, prompts[start:start + batch_size], config=GenerationConfig(max_new_tokens=6))
     right: dict[str, list[bool]] = {}
     for question, ids in zip(questions, answers):
-        said = tokenizer.decode(ids).strip().lower().rstrip(".").strip()
+        said = tokenizer.decode(ids).strip().split("\n")[0].strip().lower().rstrip(".").strip()
         right.setdefault(question["category"], []).append(said == question["answer"].lower())
     scores = {f"probe_{c}": sum(v) / len(v) for c, v in sorted(right.items())}
     return {"probe": sum(sum(v) for v in right.values()) / max(1, len(questions)), **scores}
@@ -473,12 +508,14 @@ def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) 
     curve: list[dict] = []
 
     def probe(objective: nn.Module, step: int) -> dict:
-        scores = text_probe(objective.llm, tokenizer, questions, spec.template)
+        scores = text_probe(objective.llm, tokenizer, questions, spec.template,
+                            style=cfg.corpus.style if cfg.corpus else "chat")
         curve.append({"step": step, **scores})
         common.log(f"[base] text probe at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return scores
 
-    packed = PackedText(documents, spec.block_size + 1, cfg.seed, spec.whole_documents, tokenizer.pad_id)
+    packed = PackedText(documents, spec.block_size + 1, cfg.seed, spec.whole_documents, tokenizer.pad_id,
+                        spec.one_per_block)
     trainer = Trainer(spec.train, NextTokenObjective(llm), packed,
                       eval_fn=probe if questions else None)
     result = trainer.fit()
@@ -512,14 +549,17 @@ def run(cfg: BaseConfig) -> dict:
     records = read_captions(Path(cfg.captions))
     conversations = read_conversations(cfg.instruct_data)
     texts: list[str] = []
+    readings: list[list[tuple[str, bool]]] = []
     if cfg.corpus is not None:
         from data_gen.corpus import documents
 
-        corpus_conversations, texts = documents(cfg.corpus)
-        conversations += corpus_conversations
+        corpus = documents(cfg.corpus)
+        conversations += corpus.conversations
+        texts, readings = corpus.texts, corpus.readings
     tokenizer_file = out / TOKENIZER_FILE
     if common.is_main():
-        corpus = tokenizer_corpus(records, conversations, cfg.lm.template, texts)
+        corpus = tokenizer_corpus(records, conversations, cfg.lm.template,
+                                  texts + ["".join(text for text, _ in segments) for segments in readings])
         if cfg.tokenizer.max_texts:
             corpus = corpus[::math.ceil(len(corpus) / cfg.tokenizer.max_texts)]
         Tokenizer.train(corpus, tokenizer_file, vocab_size=cfg.tokenizer.vocab_size)
@@ -534,7 +574,8 @@ def run(cfg: BaseConfig) -> dict:
     timings["clip_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    documents = lm_documents(records, conversations, tokenizer, cfg.lm.template, texts, cfg.lm.answers_only)
+    documents = lm_documents(records, conversations, tokenizer, cfg.lm.template, texts, cfg.lm.answers_only,
+                             readings)
     common.log(f"[base] LM corpus: {len(documents)} documents, {sum(len(ids) for ids, _ in documents)} tokens")
     lm_metrics = train_lm(cfg, documents, tokenizer, out / LLM_DIR)
     timings["lm_s"] = time.perf_counter() - started

@@ -57,14 +57,41 @@ def test_a_changed_file_fails_the_manifest_check(shipped, tmp_path):
 def test_the_corpus_puts_scene_text_before_its_questions():
     from data_gen.corpus import CorpusSpec, documents
 
-    conversations, texts = documents(CorpusSpec(scenes=30, seed=1))
+    conversations, texts, readings = documents(CorpusSpec(scenes=30, seed=1))
     first = conversations[0][0]["value"]
-    assert first.startswith("Objects: ") and "\n" in first
+    assert first.startswith("Objects: ") and "\n" in first and not readings
     assert all(t.startswith("Objects: ") and "\n" in t for t in texts)
-    again, _ = documents(CorpusSpec(scenes=30, seed=1))
-    assert again == conversations  # deterministic
-    other, _ = documents(CorpusSpec(scenes=30, seed=2))
-    assert other != conversations
+    again = documents(CorpusSpec(scenes=30, seed=1))
+    assert again.conversations == conversations  # deterministic
+    other = documents(CorpusSpec(scenes=30, seed=2))
+    assert other.conversations != conversations
+
+
+def test_a_reading_document_trains_only_the_answers_each_after_the_scene_and_its_question():
+    """Style "qa": `Objects: ...`, then `Q:`/`A:` lines; the labels (lm_documents) are the answer tokens and the final
+    `</s>`, nothing of the scene or the questions. Checked against a re-parse of the decoded text."""
+    import re
+
+    from data_gen.corpus import CorpusSpec, documents
+    from data_gen.vqa import SHORT_ANSWER_SUFFIX
+    from llava.tokenizer import Tokenizer
+    from stages.base import lm_documents
+
+    corpus = documents(CorpusSpec(scenes=20, seed=1, style="qa"))
+    chat = documents(CorpusSpec(scenes=20, seed=1, style="chat"))
+    assert len(corpus.readings) == sum(c[0]["value"].endswith(SHORT_ANSWER_SUFFIX) for c in chat.conversations) > 15
+    assert corpus.texts == chat.texts  # only the short-answer documents change style
+    tokenizer = Tokenizer(Path(__file__).parents[2] / "assets" / "tiny-bases" / "llama" / "tokenizer.model")
+    docs = lm_documents([], [], tokenizer, "vicuna_v1", readings=corpus.readings)
+    assert len(docs) == len(corpus.readings)
+    for segments, (ids, labels) in zip(corpus.readings, docs):
+        text = "".join(t for t, _ in segments)
+        assert text.startswith("Objects: ") and SHORT_ANSWER_SUFFIX not in text
+        answers = re.findall(r"\nA: ([^\n]+)", text)
+        assert len(answers) == text.count("\nQ: ") == sum(trained for _, trained in segments) >= 1
+        trained = [t for t in labels if t != -100]
+        assert trained[-1] == tokenizer.eos_id and ids[0] == tokenizer.bos_id
+        assert tokenizer.decode(trained[:-1]).split() == " ".join(answers).split()
 
 
 def test_probe_questions_go_round_robin_and_name_what_the_scene_text_says():
@@ -88,9 +115,12 @@ def test_no_training_question_is_worded_like_an_evaluation_paraphrase():
     from data_gen.vqa import SHORT_ANSWER_SUFFIX, short_answer_turns
     from data_gen.world import Vocabulary
 
-    conversations, _ = documents(CorpusSpec(scenes=300, seed=4, paraphrase_fraction=0.5))
+    conversations = documents(CorpusSpec(scenes=300, seed=4, paraphrase_fraction=0.5)).conversations
     asked = {turn["value"].split("\n")[-2] if "\n" in turn["value"] else turn["value"]
              for c in conversations for turn in c if turn["from"] == "human" and SHORT_ANSWER_SUFFIX in turn["value"]}
+    readings = documents(CorpusSpec(scenes=300, seed=4, paraphrase_fraction=0.5, style="qa")).readings
+    asked.update(text.removeprefix("\nQ: ").removesuffix("\nA:")
+                 for segments in readings for text, trained in segments if text.startswith("\nQ: "))
     for index in range(300):
         asked.update(t["question"].removesuffix(SHORT_ANSWER_SUFFIX)
                      for t in short_answer_turns(scene_record(4, index, 64), Vocabulary(), turns=(8, 10)))
@@ -99,3 +129,44 @@ def test_no_training_question_is_worded_like_an_evaluation_paraphrase():
         for template in templates:
             pattern = re.compile(".+".join(map(re.escape, re.split(r"\{\w+\}", template))))
             assert not [q for q in asked if pattern.fullmatch(q)], (kind, template)
+
+
+def test_packing_keeps_documents_whole_and_alone_when_asked():
+    """Documents of random lengths (some longer than a block): every packing mode loses no trained token of a document
+    that fits, `whole_documents` never splits one, `one_per_block` never puts two in one block."""
+    import random
+
+    from stages.base import PackedText
+
+    rng = random.Random(7)
+    docs = []
+    for k in range(60):
+        ids = [1] + [rng.randrange(3, 50) for _ in range(rng.randrange(2, 40))]
+        docs.append((ids, [-100 if rng.random() < 0.5 else t for t in ids]))
+    for whole, alone in ((True, False), (False, True), (True, True)):
+        packed = PackedText(docs, 33, seed=1, whole_documents=whole, pad_id=0, one_per_block=alone)
+        starts = (packed.blocks == 1).sum(1)  # id 1 only opens a document
+        assert int(starts.sum()) == len(docs)
+        if alone:
+            assert starts.tolist() == [1] * len(docs)
+        kept = sorted(t for block in packed.labels.tolist() for t in block if t != -100)
+        expected = sorted(t for ids, labels in docs for t in labels[:33] if t != -100)
+        assert kept == expected
+
+
+def test_the_next_token_loss_is_the_same_without_the_padding_columns_no_label_needs():
+    from llava.model.llama import Llama, LlamaConfig
+    from stages.base import NextTokenObjective
+
+    config = LlamaConfig.from_name("tiny", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=50)
+    objective = NextTokenObjective(Llama(config).init_weights(seed=0))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50, (3, 20), generator=generator)
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:9], labels[1, 2:12], labels[2, 6] = ids[0, 4:9], ids[1, 2:12], ids[2, 6]
+    ids[:, 12:] = 0  # padding after the last trained label
+    logits = objective.llm(ids[:, :-1])
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    out = objective(ids, labels)
+    assert out["logits"].shape[1] == 11  # positions 0..10 predict the labels up to position 11
+    torch.testing.assert_close(out["loss"], full, rtol=1e-5, atol=1e-6)
