@@ -103,13 +103,20 @@ def _conversation(scene: str, turns: list[dict]) -> list[dict]:
 
 def reading_question(question: str) -> str:
     """A short-answer question as a "qa" reading line asks it: without LLaVA's short-answer instruction."""
-    return "\nQ: " + question.removesuffix(SHORT_ANSWER_SUFFIX) + "\nA:"
+    return "Q: " + question.removesuffix(SHORT_ANSWER_SUFFIX) + "\nA:"
+
+
+def reading_prompt(scene: str, question: str) -> list[tuple[str, bool]]:
+    """The segments that ask one question about a scene (the text probe's prompt; a reading document's start)."""
+    return [(scene + "\n", False), (reading_question(question), False)]
 
 
 def _reading(scene: str, turns: list[dict]) -> list[tuple[str, bool]]:
-    segments = [(scene, False)]
+    """(text, trained) segments, each tokenized on its own: the scene line, then per question its `Q: ... A:` line
+    (not trained) and the answer with its line end (trained: the LLM learns where an answer stops as well)."""
+    segments = [(scene + "\n", False)]
     for turn in turns:
-        segments += [(reading_question(turn["question"]), False), (" " + turn["answer"], True)]
+        segments += [(reading_question(turn["question"]), False), (turn["answer"] + "\n", True)]
     return segments
 
 

@@ -471,13 +471,12 @@ def text_probe(llm: nn.Module, tokenizer, questions: list[dict], template: str, 
     the corpus's style ("chat": the chat template with the short-answer instruction; "qa": a `Q:`/`A:` reading
     line); the greedy answer (its first line) must equal the reference (case and a final period aside).
     {"probe": overall, "probe_<category>": ...}."""
-    from data_gen.corpus import reading_question
+    from data_gen.corpus import reading_prompt
     from llava.conversation import tokenize_conversation
     from llava.generate import GenerationConfig, generate
 
     if style == "qa":
-        prompts = [encode_segments(tokenizer, [(q["scene"], False), (reading_question(q["question"]), False)])[0]
-                   for q in questions]
+        prompts = [encode_segments(tokenizer, reading_prompt(q["scene"], q["question"]))[0] for q in questions]
     else:
         prompts = [tokenize_conversation([{"from": "human", "value": f"{q['scene']}\n{q['question']}"}], tokenizer,
                                          template, add_generation_prompt=True)[0] for q in questions]
@@ -558,8 +557,8 @@ def run(cfg: BaseConfig) -> dict:
         texts, readings = corpus.texts, corpus.readings
     tokenizer_file = out / TOKENIZER_FILE
     if common.is_main():
-        corpus = tokenizer_corpus(records, conversations, cfg.lm.template,
-                                  texts + ["".join(text for text, _ in segments) for segments in readings])
+        corpus = tokenizer_corpus(records, conversations, cfg.lm.template,  # segments are encoded one by one
+                                  texts + [text for segments in readings for text, _ in segments])
         if cfg.tokenizer.max_texts:
             corpus = corpus[::math.ceil(len(corpus) / cfg.tokenizer.max_texts)]
         Tokenizer.train(corpus, tokenizer_file, vocab_size=cfg.tokenizer.vocab_size)

@@ -87,11 +87,14 @@ def test_a_reading_document_trains_only_the_answers_each_after_the_scene_and_its
     for segments, (ids, labels) in zip(corpus.readings, docs):
         text = "".join(t for t, _ in segments)
         assert text.startswith("Objects: ") and SHORT_ANSWER_SUFFIX not in text
-        answers = re.findall(r"\nA: ([^\n]+)", text)
-        assert len(answers) == text.count("\nQ: ") == sum(trained for _, trained in segments) >= 1
+        lines = text.splitlines()
+        questions, answers = lines[1::2], lines[2::2]  # scene, then question / answer lines in turn
+        assert len(lines) % 2 == 1 and len(answers) >= 1
+        assert all(re.fullmatch(r"Q: .+\nA:", f"{q}\n{a[:2]}") for q, a in zip(questions, answers))
         trained = [t for t in labels if t != -100]
         assert trained[-1] == tokenizer.eos_id and ids[0] == tokenizer.bos_id
-        assert tokenizer.decode(trained[:-1]).split() == " ".join(answers).split()
+        said = tokenizer.decode(trained[:-1])  # each answer and its line end, nothing else
+        assert said.count("\n") == len(answers) and said.split() == [a.removeprefix("A:") for a in answers]
 
 
 def test_probe_questions_go_round_robin_and_name_what_the_scene_text_says():
@@ -119,8 +122,8 @@ def test_no_training_question_is_worded_like_an_evaluation_paraphrase():
     asked = {turn["value"].split("\n")[-2] if "\n" in turn["value"] else turn["value"]
              for c in conversations for turn in c if turn["from"] == "human" and SHORT_ANSWER_SUFFIX in turn["value"]}
     readings = documents(CorpusSpec(scenes=300, seed=4, paraphrase_fraction=0.5, style="qa")).readings
-    asked.update(text.removeprefix("\nQ: ").removesuffix("\nA:")
-                 for segments in readings for text, trained in segments if text.startswith("\nQ: "))
+    asked.update(text.removeprefix("Q: ").removesuffix("\nA:")
+                 for segments in readings for text, trained in segments if text.startswith("Q: "))
     for index in range(300):
         asked.update(t["question"].removesuffix(SHORT_ANSWER_SUFFIX)
                      for t in short_answer_turns(scene_record(4, index, 64), Vocabulary(), turns=(8, 10)))
