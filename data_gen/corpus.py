@@ -7,8 +7,8 @@ place of the image, then either
 - short-answer questions about it (every category of data_gen.vqa, in its templates and in the extra phrasings of
   data_gen.paraphrases.CORPUS_TEMPLATES), written in one of two styles (`CorpusSpec.style`):
   - "qa", a reading text: `Objects: ...` then `Q: <question>` / `A: <answer>` lines, trained on the answers alone. It
-    puts every trained token right after the facts it needs, which is what teaches a tiny LLM to look things up in
-    its context (text probe 0.43 -> 0.9 on the same model; docs/demo.md);
+    puts every trained token a few tokens after the facts it needs, which teaches a tiny LLM to look things up in
+    its context (the bases' text probe: 0.43 in the chat style, 0.595 in this one; docs/demo.md);
   - "chat", the chat template stage 2 uses (with the short-answer instruction after every question);
 - a conversation, a detailed description or a reasoning answer of the offline generator (data_gen.offline);
 - a caption (data_gen.scenes' phrasings), after the scene as plain text, as stage 1 reads an image then its caption.
