@@ -173,3 +173,18 @@ def test_the_next_token_loss_is_the_same_without_the_padding_columns_no_label_ne
     out = objective(ids, labels)
     assert out["logits"].shape[1] == 11  # positions 0..10 predict the labels up to position 11
     torch.testing.assert_close(out["loss"], full, rtol=1e-5, atol=1e-6)
+
+
+def test_the_reading_curve_bench_trains_and_probes(capsys):
+    """bench/reading_curve.py end to end on a tiny shape: its training rows and its probe line per category."""
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "bench" / "reading_curve.py"
+    spec = importlib.util.spec_from_file_location("reading_curve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--steps", "2", "--every", "2", "--batch", "2", "--questions", "2", "--dim", "32", "--layers", "1",
+                 "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--answers-only"])
+    out = capsys.readouterr().out
+    assert "probe at step 2: " in out
+    assert all(f"'{c}': " in out for c in ("color", "count", "exist", "position", "shape"))
