@@ -76,10 +76,18 @@ def kill_leftovers(processes: dict[int, int]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def as_from_a_terminal() -> None:
+    """In the child, before it runs: Ctrl-C's default action, which a shell gives the job in its foreground. A test run
+    started in the background (`make test &`, nohup) ignores SIGINT, and its children would inherit that, so the
+    Ctrl-C cases would test an ignored signal (as they should: an ignored signal stays ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(command: list[str], log: Path, env: dict, **popen) -> subprocess.Popen:
-    """`command`, its output into `log` (a pipe nobody reads yet would fill up and stall it)."""
+    """`command`, its output into `log` (a pipe nobody reads yet would fill up and stall it), as a terminal starts it."""
     with open(log, "wb") as sink:
-        return subprocess.Popen(command, env=env, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, **popen)
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                preexec_fn=as_from_a_terminal, **popen)
 
 
 def wait_for(predicate, what: str, process: subprocess.Popen, log: Path, timeout: float = 240) -> None:
