@@ -38,7 +38,7 @@ from data_gen.prompting import stable_rng
 from data_gen.records import CaptionRecord, read_captions
 from data_gen.vqa import SHORT_ANSWER_SUFFIX
 from data_gen.world import SceneObject, with_article
-from llava.io import atomic_write_text
+from llava.io import atomic_write_text, jsonl_lines, parse_json_line
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 POPE_QUESTION = "Is there {} in the image?"
@@ -152,23 +152,16 @@ def read_pope_labels(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
     path = Path(path)
     default_split = path.stem.rsplit("_", 1)[-1]
     labels: dict[str, tuple[str, str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HallucinationError(f"{where}: not valid JSON ({e.msg})") from None
-            label = str(obj.get("label", "")).strip().lower() if isinstance(obj, dict) else ""
-            if label not in ("yes", "no"):
-                raise HallucinationError(f"{where}: key 'label' must be \"yes\" or \"no\" (POPE's question format "
-                                         f"{{question_id, image, text, label}}), got {obj.get('label')!r}"
-                                         if isinstance(obj, dict) else f"{where}: a line must be a JSON object")
-            if "question_id" not in obj:
-                raise HallucinationError(f"{where}: missing key 'question_id'")
-            labels[str(obj["question_id"])] = (str(obj.get("category") or default_split), label)
+    for where, line in jsonl_lines(path):
+        obj = parse_json_line(line, where, HallucinationError)
+        label = str(obj.get("label", "")).strip().lower() if isinstance(obj, dict) else ""
+        if label not in ("yes", "no"):
+            raise HallucinationError(f"{where}: key 'label' must be \"yes\" or \"no\" (POPE's question format "
+                                     f"{{question_id, image, text, label}}), got {obj.get('label')!r}"
+                                     if isinstance(obj, dict) else f"{where}: a line must be a JSON object")
+        if "question_id" not in obj:
+            raise HallucinationError(f"{where}: missing key 'question_id'")
+        labels[str(obj["question_id"])] = (str(obj.get("category") or default_split), label)
     return labels
 
 

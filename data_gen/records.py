@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from llava.io import atomic_write_text
+from llava.io import atomic_write_text, jsonl_lines, parse_json_line
 
 
 class InputError(ValueError):
@@ -106,29 +106,21 @@ def read_captions(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list
     if not path.is_file():
         raise InputError(f"captions file not found: {path}")
     records: list[CaptionRecord] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}  # id -> the line number that has it
     skipped = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                record = parse_record(obj, where)
-                if record.id in seen:
-                    raise InputError(f"{where}: key 'id' {record.id!r} repeats line {seen[record.id]}; ids must be "
-                                     "unique")
-            except InputError:
-                if not skip_bad:
-                    raise
-                skipped += 1
-                continue
-            seen[record.id] = line_no
-            records.append(record)
+    for where, line in jsonl_lines(path):
+        try:
+            record = parse_record(parse_json_line(line, where, InputError), where)
+            if record.id in seen:
+                raise InputError(f"{where}: key 'id' {record.id!r} repeats line {seen[record.id]}; ids must be "
+                                 "unique")
+        except InputError:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
+        seen[record.id] = where.rpartition(":")[2]
+        records.append(record)
     return records, skipped
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from llava.io import atomic_write_text
+from llava.io import atomic_write_text, jsonl_lines, parse_json_line
 
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 UNCATEGORISED = "default"
@@ -83,18 +83,11 @@ class Question:
 def read_jsonl_objects(path: Path, kind: str) -> Iterable[tuple[str, dict]]:
     if not path.is_file():
         raise QuestionFileError(f"{kind} file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QuestionFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise QuestionFileError(f"{where}: a line must be a JSON object")
-            yield where, obj
+    for where, line in jsonl_lines(path):
+        obj = parse_json_line(line, where, QuestionFileError)
+        if not isinstance(obj, dict):
+            raise QuestionFileError(f"{where}: a line must be a JSON object")
+        yield where, obj
 
 
 def _question_id(obj: dict, where: str) -> str | int:

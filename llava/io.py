@@ -14,6 +14,22 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """("<path>:<line number>", text) of every non-blank line of a JSON Lines file (UTF-8)."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"{path}:{number}", line
+
+
+def parse_json_line(line: str, where: str, error: type[Exception]) -> Any:
+    """One JSON Lines line; one that is not JSON raises `error` naming `where`, the parser's message and the column."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success fsync it and rename it over `path`.

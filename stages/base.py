@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from data_gen.corpus import CorpusSpec
 from llava.constants import IGNORE_INDEX
+from llava.io import jsonl_lines, parse_json_line
 from stages.config import ConfigError
 from stages import common
 from stages.trainer import TrainConfig
@@ -144,22 +145,17 @@ def read_captions(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"captions: {path} not found (write it with `llava-pipeline scenes`)")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for where, line in jsonl_lines(path):
+        record = parse_json_line(line, where, DataError)
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected an object with 'image' and 'captions'")
-        image = check_image_path(record.get("image"), f"{path}:{number}")
+            raise DataError(f"{where}: expected an object with 'image' and 'captions'")
+        image = check_image_path(record.get("image"), where)
         captions = record.get("captions")
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip()
                                                                       for c in captions):
-            raise DataError(f"{path}:{number}: 'captions' must be a non-empty list of strings")
+            raise DataError(f"{where}: 'captions' must be a non-empty list of strings")
         records.append({"image": image, "captions": captions,
-                        "boxes": _read_boxes(record.get("boxes", []), f"{path}:{number}")})
+                        "boxes": _read_boxes(record.get("boxes", []), where)})
     if not records:
         raise DataError(f"{path}: no caption records")
     return records
