@@ -46,7 +46,8 @@ def build(cfg: AlignConfig):
 
     llava_config, tokenizer_file = common.llava_config(cfg.model, template="plain", max_len=cfg.max_len)
     check_fits("align", cfg, llava_config)  # on a GPU: refuse what cannot fit before reading any weight
-    model, tokenizer = common.build_model(llava_config, tokenizer_file, common.DTYPES[cfg.train.precision])
+    model, tokenizer = common.build_model(llava_config, tokenizer_file, common.DTYPES[cfg.train.precision],
+                                            seed=cfg.train.seed)
     model.llm.requires_grad_(False)
     return model, tokenizer, llava_config
 

@@ -97,7 +97,7 @@ def starting_model(cfg: InstructConfig):
     from stages.memory import check_fits
 
     check_fits("instruct", cfg, config)  # on a GPU: refuse what cannot fit before reading any weight
-    model, tokenizer = common.build_model(config, tokenizer_file, dtype)
+    model, tokenizer = common.build_model(config, tokenizer_file, dtype, seed=cfg.train.seed)
     if projector is not None:
         model.load_projector(projector)
     else:

@@ -2,7 +2,7 @@
 import torch
 import yaml
 
-from stage_helpers import changed, losses
+from stage_helpers import changed, losses, snapshot
 
 
 def test_only_the_projector_changes(align_run):
@@ -45,3 +45,27 @@ def test_resolved_config_is_saved(align_run):
     assert saved["train"]["lr"] == 1e-2 and saved["train"]["weight_decay"] == 0.0  # override, then stage default
     assert saved["train"]["output_dir"] == str(align_run.out)
     assert saved["model"]["projector_type"] == "mlp2x_gelu"
+
+
+def test_the_fresh_projector_comes_from_the_train_seed_not_the_process_rng(align_run):
+    """torch seeds its default generator differently in every process: a projector drawn from it made two runs of one
+    config train from different starting points. The draw depends on train.seed alone and leaves the caller's RNG
+    where it was."""
+    import dataclasses
+
+    from stages import align
+
+    cfg = align_run.cfg
+    projectors = []
+    for process_seed in (1, 2):
+        torch.manual_seed(process_seed)
+        state = torch.get_rng_state()
+        model, _, _ = align.build(cfg)
+        assert torch.equal(torch.get_rng_state(), state)
+        projectors.append(snapshot(model.projector))
+    assert projectors[0].keys() == projectors[1].keys()
+    assert all(torch.equal(projectors[0][k], projectors[1][k]) for k in projectors[0])
+
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
+    model, _, _ = align.build(other)
+    assert not torch.equal(snapshot(model.projector)["0.weight"], projectors[0]["0.weight"])
