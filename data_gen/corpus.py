@@ -9,7 +9,8 @@ place of the image, then either
   - "qa", a reading text: `Objects: ...` then `Q: <question>` / `A: <answer>` lines, trained on the answers alone. It
     puts every trained token a few tokens after the facts it needs, which teaches a tiny LLM to look things up in
     its context (the bases' text probe: 0.43 in the chat style, 0.595 in this one; docs/demo.md);
-  - "chat", the chat template stage 2 uses (with the short-answer instruction after every question);
+  - "chat", the chat template stage 2 uses (with the short-answer instruction after every question); with "qa",
+    `chat_fraction` of the scenes are written this way, so the LLM meets the template it will be tuned in;
 - a conversation, a detailed description or a reasoning answer of the offline generator (data_gen.offline);
 - a caption (data_gen.scenes' phrasings), after the scene as plain text, as stage 1 reads an image then its caption.
 The scenes are drawn from their own seed stream ("corpus"), so they are not the demo's training or held-out scenes.
@@ -44,10 +45,13 @@ class CorpusSpec:
     caption_fraction: float = 0.5  # share of scenes that also get a caption document
     paraphrase_fraction: float = 0.3  # share of short-answer questions asked in a CORPUS_TEMPLATES phrasing
     style: str = "chat"  # short-answer documents: "qa" reading texts or "chat" conversations (see above)
+    chat_fraction: float = 0.0  # with style "qa": share of scenes whose questions are written as a chat instead
 
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"corpus.style: {self.style!r} is not one of {', '.join(STYLES)}")
+        if not 0.0 <= self.chat_fraction <= 1.0:
+            raise ValueError(f"corpus.chat_fraction: {self.chat_fraction} is not between 0 and 1")
 
 
 class Corpus(NamedTuple):
@@ -130,7 +134,7 @@ def documents(spec: CorpusSpec) -> Corpus:
         record = scene_record(spec.seed, index, spec.canvas)
         rng = stable_rng(spec.seed, record.id, "corpus")
         turns = short_answer_questions(record, rng, rng.randint(low, high), spec.paraphrase_fraction)
-        if turns and spec.style == "qa":
+        if turns and spec.style == "qa" and not (spec.chat_fraction and rng.random() < spec.chat_fraction):
             corpus.readings.append(_reading(scene_as_text(record, rng), turns))
         elif turns:
             conversations.append(_conversation(scene_as_text(record, rng), turns))

@@ -503,8 +503,11 @@ def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) 
     curve: list[dict] = []
 
     def probe(objective: nn.Module, step: int) -> dict:
-        scores = text_probe(objective.llm, tokenizer, questions, spec.template,
-                            style=cfg.corpus.style if cfg.corpus else "chat")
+        style = cfg.corpus.style if cfg.corpus else "chat"
+        scores = text_probe(objective.llm, tokenizer, questions, spec.template, style=style)
+        if style == "qa" and cfg.corpus.chat_fraction:  # the same questions asked in stage 2's template as well
+            chat = text_probe(objective.llm, tokenizer, questions, spec.template, style="chat")
+            scores.update({f"chat_{k}": v for k, v in chat.items()})
         curve.append({"step": step, **scores})
         common.log(f"[base] text probe at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return scores

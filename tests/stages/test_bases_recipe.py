@@ -97,6 +97,26 @@ def test_a_reading_document_trains_only_the_answers_each_after_the_scene_and_its
         assert said.count("\n") == len(answers) and said.split() == [a.removeprefix("A:") for a in answers]
 
 
+def test_chat_fraction_writes_that_share_of_the_scenes_as_chats_and_leaves_the_rest_as_they_were():
+    from data_gen.corpus import CorpusSpec, documents
+    from data_gen.vqa import SHORT_ANSWER_SUFFIX
+
+    def short_chats(corpus):
+        return [c for c in corpus.conversations if c[0]["value"].endswith(SHORT_ANSWER_SUFFIX)]
+
+    plain = documents(CorpusSpec(scenes=400, seed=3, style="qa"))
+    mixed = documents(CorpusSpec(scenes=400, seed=3, style="qa", chat_fraction=0.3))
+    assert short_chats(plain) == []
+    chats, readings = short_chats(mixed), mixed.readings
+    assert len(chats) + len(readings) == len(plain.readings)  # every scene keeps its questions, in one style
+    assert 0.22 < len(chats) / len(plain.readings) < 0.38
+    for chat in chats:  # the chat's first question opens with its scene, then turns alternate
+        assert chat[0]["value"].startswith("Objects: ") and [t["from"] for t in chat] == ["human", "gpt"] * (len(chat) // 2)
+    assert documents(CorpusSpec(scenes=400, seed=3, style="qa", chat_fraction=0.0)) == plain
+    with pytest.raises(ValueError, match="chat_fraction"):
+        CorpusSpec(style="qa", chat_fraction=1.5)
+
+
 def test_probe_questions_go_round_robin_and_name_what_the_scene_text_says():
     from data_gen.corpus import probe_questions
 
