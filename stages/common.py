@@ -142,7 +142,7 @@ def llava_config(spec: ModelSpec, *, template: str, max_len: int, freeze_vision:
     return config, tokenizer.resolve()
 
 
-def build_model(config, tokenizer: Path, dtype: torch.dtype, seed: int):
+def build_model(config, tokenizer: Path, dtype: torch.dtype, seed: int = 0):
     """LlavaModel with pretrained LLM and tower (a fresh projector), weights in `dtype`, tokenizer attached.
 
     The fresh weights (the projector, and whatever `config` leaves unloaded) are drawn from `seed` on a forked RNG:
