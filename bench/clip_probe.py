@@ -30,8 +30,9 @@ def load_tower(clip_dir: Path, select_layer: int):
     return build_vision_tower(config, weights, select_layer=select_layer).eval()
 
 
-def box_features(tower, folder: Path) -> tuple[torch.Tensor, list[list[str]]]:
-    """[boxes, width] mean patch token under each box, and each box's label words."""
+def box_features(tower, folder: Path, pool: str = "mean") -> tuple[torch.Tensor, list[list[str]]]:
+    """[boxes, width] patch tokens under each box (`pool` "mean": their average; "center": the one patch at the box's
+    centre, what a reader of one token gets), and each box's label words."""
     from data_gen.records import read_captions
     from llava.data.images import open_rgb
     from stages.base import box_weights
@@ -46,7 +47,12 @@ def box_features(tower, folder: Path) -> tuple[torch.Tensor, list[list[str]]]:
             tokens = tower(torch.stack([processor(open_rgb(folder / "images" / r.image)) for r in chunk]))
         for record, image_tokens in zip(chunk, tokens):
             for box in record.boxes:
-                features.append(box_weights(box.bbox, grid) @ image_tokens)
+                if pool == "center":
+                    x0, y0, x1, y1 = box.bbox
+                    col, row = (min(grid - 1, int((a + b) / 2 * grid)) for a, b in ((x0, x1), (y0, y1)))
+                    features.append(image_tokens[row * grid + col])
+                else:
+                    features.append(box_weights(box.bbox, grid) @ image_tokens)
                 words.append(box.label.split())
     if not features:
         raise SystemExit(f"{folder / 'captions.jsonl'} has no boxes to probe")
@@ -73,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=Path, required=True, help="scenes folder with captions.jsonl and images/")
     parser.add_argument("--heldout", type=Path, required=True, help="held-out scenes folder (same layout)")
     parser.add_argument("--select-layer", type=int, default=-2)
+    parser.add_argument("--pool", choices=("mean", "center"), default="mean",
+                        help="the box's patches averaged, or only the patch at its centre")
     args = parser.parse_args(argv)
 
     tower = load_tower(args.clip, args.select_layer)
-    train_x, train_words = box_features(tower, args.train)
-    test_x, test_words = box_features(tower, args.heldout)
+    train_x, train_words = box_features(tower, args.train, args.pool)
+    test_x, test_words = box_features(tower, args.heldout, args.pool)
     slots = min(map(len, train_words + test_words))
-    print(f"{len(train_x)} training boxes, {len(test_x)} held-out boxes, layer {args.select_layer}")
+    print(f"{len(train_x)} training boxes, {len(test_x)} held-out boxes, layer {args.select_layer}, pool {args.pool}")
     print("| label word | classes | held-out probe accuracy | majority baseline |\n|---|---:|---:|---:|")
     for slot in range(slots):
         names = sorted({w[slot] for w in train_words + test_words})

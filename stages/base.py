@@ -89,6 +89,10 @@ class ClipSpec:
     # Weight of the region-phrase term (0: off). It uses the "boxes" of the captions file ({"label", "bbox": [x0, y0,
     # x1, y1] normalised}); records without boxes add nothing to it.
     region_weight: float = 1.0
+    # What the region term classifies: "mean", each box's patch tokens averaged; "patch", every patch token under a
+    # box on its own, so that each token carries its object's words (a reader of one token, as LLaVA's LLM is of an
+    # image token, then finds the shape there too: docs/demo.md).
+    region_pool: str = "mean"
     train: TrainConfig | None = None
 
 
@@ -277,17 +281,19 @@ class CaptionPairs(Dataset):
 
 class ContrastiveObjective(nn.Module):
     """CLIP's symmetric InfoNCE through open_clip's ClipLoss (features of other ranks join the negatives), plus
-    `region_weight` times the region-phrase term: the boxes' pooled patch tokens, in CLIP's joint space, classify
-    their own labels among the labels present in the rank's batch, the text tower embedding the labels."""
+    `region_weight` times the region-phrase term: the boxes' patch tokens, in CLIP's joint space (averaged per box,
+    or each on its own with `region_pool` "patch"), classify their own labels among the labels present in the
+    rank's batch, the text tower embedding the labels."""
 
     def __init__(self, clip: nn.Module, rank: int, world_size: int, phrase_tokens: torch.Tensor | None = None,
-                 region_weight: float = 0.0):
+                 region_weight: float = 0.0, region_pool: str = "mean"):
         super().__init__()
         from open_clip.loss import ClipLoss
 
         self.clip = clip
         self.loss = ClipLoss(rank=rank, world_size=world_size)
         self.phrase_tokens, self.region_weight = phrase_tokens, region_weight  # a plain attribute: not saved
+        self.region_pool = region_pool
         # CLIP's own parameters (temperature, text positions and projection) and the image projection are read here,
         # outside their modules' forward: ZeRO-3 must gather them for this module's forward (a no-op otherwise).
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
@@ -311,12 +317,16 @@ class ContrastiveObjective(nn.Module):
                 # rank makes the same ZeRO-3 gathers (a rank skipping a module's forward would hang the others)
                 phrases = self.clip.encode_text(self.phrase_tokens[:1].to(texts.device), normalize=True)
                 return {"loss": loss + 0.0 * phrases.sum()}
-            features = torch.einsum("bkp,bpw->bkw", regions.to(tokens.dtype), tokens)[valid] @ visual.proj
-            present = torch.unique(region_labels[valid])
+            if self.region_pool == "patch":  # every (box, patch under it) pair; a patch two boxes touch has two
+                image, box, patch = ((regions > 0) & valid[..., None]).nonzero(as_tuple=True)
+                features, labels = tokens[image, patch] @ visual.proj, region_labels[image, box]
+            else:
+                features = torch.einsum("bkp,bpw->bkw", regions.to(tokens.dtype), tokens)[valid] @ visual.proj
+                labels = region_labels[valid]
+            present = torch.unique(labels)
             phrases = self.clip.encode_text(self.phrase_tokens[present].to(texts.device), normalize=True)
             logits = scale * F.normalize(features, dim=-1) @ phrases.T
-            loss = loss + self.region_weight * F.cross_entropy(logits, torch.searchsorted(present,
-                                                                                          region_labels[valid]))
+            loss = loss + self.region_weight * F.cross_entropy(logits, torch.searchsorted(present, labels))
         return {"loss": loss}
 
 
@@ -340,12 +350,15 @@ def train_clip(cfg: BaseConfig, records: list[dict], tokenizer, out: Path) -> di
     image_folder = Path(cfg.image_folder) if cfg.image_folder else Path(cfg.captions).parent / "images"
     if spec.region_weight < 0:
         raise ConfigError(f"base.clip.region_weight must be >= 0, got {spec.region_weight}")
+    if spec.region_pool not in ("mean", "patch"):
+        raise ConfigError(f"base.clip.region_pool must be 'mean' or 'patch', got {spec.region_pool!r}")
     grid = spec.image_size // spec.patch_size if spec.region_weight else None
     dataset = CaptionPairs(records, image_folder, tokenizer, processor, spec.context_length, grid=grid)
     objective = ContrastiveObjective(clip, dist_info.rank, dist_info.world_size,
-                                     dataset.phrase_tokens() if dataset.max_boxes else None, spec.region_weight)
+                                     dataset.phrase_tokens() if dataset.max_boxes else None, spec.region_weight,
+                                     spec.region_pool)
     if grid:
-        common.log(f"[base] CLIP region-phrase term (weight {spec.region_weight}): "
+        common.log(f"[base] CLIP region-phrase term (weight {spec.region_weight}, {spec.region_pool}): "
                    f"{sum(len(r['boxes']) for r in records)} boxes, {len(dataset.phrases)} distinct labels")
     trainer = Trainer(spec.train, objective, dataset)
     result = trainer.fit()

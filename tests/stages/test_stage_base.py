@@ -130,6 +130,50 @@ def test_contrastive_objective_is_open_clips_loss_plus_the_region_phrase_term():
     torch.testing.assert_close(loss, contrastive + 0.5 * F.cross_entropy(logits, torch.tensor(targets)))
 
 
+def test_the_patch_region_term_classifies_every_patch_a_box_overlaps_on_its_own():
+    """region_pool "patch": each grid cell a box overlaps (worked out here from the cell edges, not box_weights) is
+    one sample of the region term, labelled with its box; a cell two boxes overlap counts once per box."""
+    import torch.nn.functional as F
+    from open_clip.loss import ClipLoss
+
+    from stages.base import ContrastiveObjective, box_weights
+
+    torch.manual_seed(0)
+    clip = _tiny_clip()
+    images = torch.randn(2, 3, 32, 32)
+    texts = torch.randint(3, 50, (2, 12))
+    texts[:, 6], texts[:, 7:] = 2, 0
+    phrases = torch.zeros(4, 12, dtype=torch.long)
+    phrases[:, 0], phrases[:, 1] = torch.tensor([5, 6, 7, 8]), 2
+    boxes = [[(0.1, 0.1, 0.6, 0.3), (0.5, 0.2, 0.8, 0.9)], [(0.0, 0.75, 0.2, 1.0)]]
+    labels = [[2, 0], [2]]
+    regions = torch.zeros(2, 2, 16)
+    region_labels = torch.full((2, 2), -1)
+    for i, (bs, ls) in enumerate(zip(boxes, labels)):
+        for k, (box, label) in enumerate(zip(bs, ls)):
+            regions[i, k], region_labels[i, k] = box_weights(box, 4), label
+
+    loss = ContrastiveObjective(clip, 0, 1, phrases, region_weight=2.0, region_pool="patch")(
+        images, texts, regions, region_labels)["loss"]
+    out = clip(images, texts)
+    contrastive = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
+    clip.visual.output_tokens = True
+    _, tokens = clip.visual(images)
+    clip.visual.output_tokens = False
+    feats, targets = [], []
+    for i, (bs, ls) in enumerate(zip(boxes, labels)):
+        for (x0, y0, x1, y1), label in zip(bs, ls):
+            for row in range(4):
+                for col in range(4):
+                    if col / 4 < x1 and (col + 1) / 4 > x0 and row / 4 < y1 and (row + 1) / 4 > y0:
+                        feats.append(tokens[i][row * 4 + col] @ clip.visual.proj)
+                        targets.append([0, 2].index(label))
+    assert len(feats) == 6 + 8 + 1  # 3x2 cells, 2x4 cells (two of them shared with the first box), 1 cell
+    phrase_features = clip.encode_text(phrases[[0, 2]], normalize=True)
+    logits = clip.logit_scale.exp() * F.normalize(torch.stack(feats), dim=-1) @ phrase_features.T
+    torch.testing.assert_close(loss, contrastive + 2.0 * F.cross_entropy(logits, torch.tensor(targets)))
+
+
 def test_bad_boxes_in_the_captions_file_are_named(tmp_path):
     import pytest
 
