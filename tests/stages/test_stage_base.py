@@ -88,18 +88,24 @@ def _tiny_clip():
     return open_clip.CLIP(**clip_model_config(spec, vocab_size=50, eos_id=2, pad_id=0), output_dict=True)
 
 
+def _clip_inputs(n: int):
+    """A tiny CLIP, `n` random images and captions (</s> at 6, then padding) and 4 one-piece phrases."""
+    clip = _tiny_clip()
+    images = torch.randn(n, 3, 32, 32)
+    texts = torch.randint(3, 50, (n, 12))
+    texts[:, 6], texts[:, 7:] = 2, 0
+    phrases = torch.zeros(4, 12, dtype=torch.long)
+    phrases[:, 0], phrases[:, 1] = torch.tensor([5, 6, 7, 8]), 2
+    return clip, images, texts, phrases
+
+
 def test_contrastive_objective_is_open_clips_loss_plus_the_region_phrase_term():
     import torch.nn.functional as F
     from open_clip.loss import ClipLoss
 
     from stages.base import ContrastiveObjective, box_weights
 
-    clip = _tiny_clip()
-    images = torch.randn(3, 3, 32, 32)
-    texts = torch.randint(3, 50, (3, 12))
-    texts[:, 6], texts[:, 7:] = 2, 0
-    phrases = torch.zeros(4, 12, dtype=torch.long)
-    phrases[:, 0], phrases[:, 1] = torch.tensor([5, 6, 7, 8]), 2
+    clip, images, texts, phrases = _clip_inputs(3)
     boxes = [[(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)], [(0.2, 0.2, 0.9, 0.6)], []]
     labels = [[3, 1], [3], []]
     regions = torch.zeros(3, 2, 16)
@@ -139,12 +145,7 @@ def test_the_patch_region_term_classifies_every_patch_a_box_overlaps_on_its_own(
     from stages.base import ContrastiveObjective, box_weights
 
     torch.manual_seed(0)
-    clip = _tiny_clip()
-    images = torch.randn(2, 3, 32, 32)
-    texts = torch.randint(3, 50, (2, 12))
-    texts[:, 6], texts[:, 7:] = 2, 0
-    phrases = torch.zeros(4, 12, dtype=torch.long)
-    phrases[:, 0], phrases[:, 1] = torch.tensor([5, 6, 7, 8]), 2
+    clip, images, texts, phrases = _clip_inputs(2)
     boxes = [[(0.1, 0.1, 0.6, 0.3), (0.5, 0.2, 0.8, 0.9)], [(0.0, 0.75, 0.2, 1.0)]]
     labels = [[2, 0], [2]]
     regions = torch.zeros(2, 2, 16)
