@@ -29,8 +29,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_gen.corpus import probe_questions, scene_as_text, scene_record, short_answer_questions  # noqa: E402
-from data_gen.vqa import SHORT_ANSWER_SUFFIX  # noqa: E402
+from data_gen.corpus import (probe_questions, reading_question, scene_as_text, scene_record,  # noqa: E402
+                             short_answer_questions)
 from llava.model.llama import Llama, LlamaConfig  # noqa: E402
 from llava.tokenizer import Tokenizer  # noqa: E402
 
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     tok = Tokenizer(a.tokenizer)
 
     def question_line(question: str) -> list[int]:
-        return tok.encode("\nQ: " + question.replace(SHORT_ANSWER_SUFFIX, "") + "\nA:")
+        return tok.encode("\n" + reading_question(question))
 
     def document(index: int) -> tuple[list[int], list[int]]:
         record = scene_record(0, index, 64)
