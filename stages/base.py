@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from data_gen import world
 from data_gen.corpus import CorpusSpec
 from llava.constants import IGNORE_INDEX
 from llava.io import jsonl_lines, parse_json_line
@@ -93,6 +94,12 @@ class ClipSpec:
     # box on its own, so that each token carries its object's words (a reader of one token, as LLaVA's LLM is of an
     # image token, then finds the shape there too: docs/demo.md).
     region_pool: str = "mean"
+    # Weight of the place term (0: off): the region term's patch tokens (per box or per patch, as `region_pool`)
+    # also tell their object's column (left/center/right) and row (top/middle/bottom) through a linear head that
+    # exists in training only (it is not saved: the tower stays a plain open_clip CLIP). The places come from
+    # data_gen.world.position_word, the rule the questions use, so an object whose column or row is ambiguous trains
+    # none there. A reader of one image token then finds where its object is as well as what it is (docs/demo.md).
+    place_weight: float = 0.0
     train: TrainConfig | None = None
 
 
@@ -234,10 +241,19 @@ def box_weights(bbox: tuple[float, float, float, float], grid: int) -> torch.Ten
     return (weights / weights.sum()).flatten()
 
 
+def box_places(bbox: tuple[float, float, float, float]) -> tuple[int, int]:
+    """(column, row) of a normalised box as indices into world.COLUMNS / world.ROWS, -1 where ambiguous."""
+    x0, y0, x1, y1 = bbox
+    column = world.position_word((x0 + x1) / 2, x1 - x0, world.COLUMNS)
+    row = world.position_word((y0 + y1) / 2, y1 - y0, world.ROWS)
+    return (world.COLUMNS.index(column) if column else -1, world.ROWS.index(row) if row else -1)
+
+
 class CaptionPairs(Dataset):
     """(image, one of its captions) per scene; the caption is drawn anew each time, so epochs see other phrasings.
-    With `grid`, also the scene's boxes as patch weights `regions` [max boxes, grid * grid] and `region_labels`
-    (indices into `self.phrases`, -1 for padding)."""
+    With `grid`, also the scene's boxes as patch weights `regions` [max boxes, grid * grid], `region_labels`
+    (indices into `self.phrases`, -1 for padding) and `region_places` [max boxes, 2]: each box's column and row
+    (box_places; -1 where ambiguous and for padding)."""
 
     def __init__(self, records: list[dict], image_folder: Path, tokenizer, image_processor, context_length: int,
                  grid: int | None = None):
@@ -264,9 +280,11 @@ class CaptionPairs(Dataset):
         if self.max_boxes:
             item["regions"] = torch.zeros(self.max_boxes, self.grid * self.grid)
             item["region_labels"] = torch.full((self.max_boxes,), -1, dtype=torch.long)
+            item["region_places"] = torch.full((self.max_boxes, 2), -1, dtype=torch.long)
             for k, (label, bbox) in enumerate(record["boxes"]):
                 item["regions"][k] = box_weights(bbox, self.grid)
                 item["region_labels"][k] = self.phrase_index[label]
+                item["region_places"][k] = torch.tensor(box_places(bbox))
         return item
 
     def phrase_tokens(self) -> torch.Tensor:
@@ -283,17 +301,21 @@ class ContrastiveObjective(nn.Module):
     """CLIP's symmetric InfoNCE through open_clip's ClipLoss (features of other ranks join the negatives), plus
     `region_weight` times the region-phrase term: the boxes' patch tokens, in CLIP's joint space (averaged per box,
     or each on its own with `region_pool` "patch"), classify their own labels among the labels present in the
-    rank's batch, the text tower embedding the labels."""
+    rank's batch, the text tower embedding the labels; plus `place_weight` times the place term: a linear head
+    (`place_head`, training only) on the same patch tokens, before CLIP's projection, classifies their box's column
+    among 3 and its row among 3 (`region_places`), where the box has one."""
 
     def __init__(self, clip: nn.Module, rank: int, world_size: int, phrase_tokens: torch.Tensor | None = None,
-                 region_weight: float = 0.0, region_pool: str = "mean"):
+                 region_weight: float = 0.0, region_pool: str = "mean", place_weight: float = 0.0):
         super().__init__()
         from open_clip.loss import ClipLoss
 
         self.clip = clip
         self.loss = ClipLoss(rank=rank, world_size=world_size)
         self.phrase_tokens, self.region_weight = phrase_tokens, region_weight  # a plain attribute: not saved
-        self.region_pool = region_pool
+        self.region_pool, self.place_weight = region_pool, place_weight
+        # logits 0-2: the column (world.COLUMNS), 3-5: the row (world.ROWS)
+        self.place_head = nn.Linear(clip.visual.proj.shape[0], 6) if place_weight else None
         # CLIP's own parameters (temperature, text positions and projection) and the image projection are read here,
         # outside their modules' forward: ZeRO-3 must gather them for this module's forward (a no-op otherwise).
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
@@ -302,7 +324,7 @@ class ContrastiveObjective(nn.Module):
             register_external_parameter(self, parameter)
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor, regions: torch.Tensor | None = None,
-                region_labels: torch.Tensor | None = None) -> dict:
+                region_labels: torch.Tensor | None = None, region_places: torch.Tensor | None = None) -> dict:
         visual = self.clip.visual
         visual.output_tokens = True  # (pooled, patch tokens after ln_post); off again so the saved model is plain
         try:
@@ -314,19 +336,31 @@ class ContrastiveObjective(nn.Module):
         if self.region_weight and self.phrase_tokens is not None and regions is not None:
             valid = region_labels >= 0
             if not bool(valid.any()):  # a batch without boxes: the text tower still runs a phrase, so that every
-                # rank makes the same ZeRO-3 gathers (a rank skipping a module's forward would hang the others)
+                # rank makes the same ZeRO-3 gathers (a rank skipping a module's forward would hang the others); so
+                # does the place head
                 phrases = self.clip.encode_text(self.phrase_tokens[:1].to(texts.device), normalize=True)
-                return {"loss": loss + 0.0 * phrases.sum()}
+                extra = self.place_head(tokens[:, 0]).sum() if self.place_head is not None else 0.0
+                return {"loss": loss + 0.0 * (phrases.sum() + extra)}
             if self.region_pool == "patch":  # every (box, patch under it) pair; a patch two boxes touch has two
                 image, box, patch = ((regions > 0) & valid[..., None]).nonzero(as_tuple=True)
-                features, labels = tokens[image, patch] @ visual.proj, region_labels[image, box]
+                pooled_tokens, labels = tokens[image, patch], region_labels[image, box]
+                places = region_places[image, box] if region_places is not None else None
             else:
-                features = torch.einsum("bkp,bpw->bkw", regions.to(tokens.dtype), tokens)[valid] @ visual.proj
+                pooled_tokens = torch.einsum("bkp,bpw->bkw", regions.to(tokens.dtype), tokens)[valid]
                 labels = region_labels[valid]
+                places = region_places[valid] if region_places is not None else None
             present = torch.unique(labels)
             phrases = self.clip.encode_text(self.phrase_tokens[present].to(texts.device), normalize=True)
-            logits = scale * F.normalize(features, dim=-1) @ phrases.T
+            logits = scale * F.normalize(pooled_tokens @ visual.proj, dim=-1) @ phrases.T
             loss = loss + self.region_weight * F.cross_entropy(logits, torch.searchsorted(present, labels))
+            if self.place_head is not None and places is not None:
+                logits = self.place_head(pooled_tokens)
+                for axis in range(2):
+                    known = places[:, axis] >= 0
+                    axis_logits = logits[known, 3 * axis:3 * axis + 3]
+                    term = (F.cross_entropy(axis_logits, places[known, axis]) if bool(known.any())
+                            else 0.0 * axis_logits.sum())
+                    loss = loss + self.place_weight * term
         return {"loss": loss}
 
 
@@ -352,14 +386,18 @@ def train_clip(cfg: BaseConfig, records: list[dict], tokenizer, out: Path) -> di
         raise ConfigError(f"base.clip.region_weight must be >= 0, got {spec.region_weight}")
     if spec.region_pool not in ("mean", "patch"):
         raise ConfigError(f"base.clip.region_pool must be 'mean' or 'patch', got {spec.region_pool!r}")
+    if spec.place_weight < 0 or (spec.place_weight and not spec.region_weight):
+        raise ConfigError(f"base.clip.place_weight must be >= 0 and needs region_weight > 0 (it trains the region "
+                          f"term's features), got place_weight {spec.place_weight}, region_weight {spec.region_weight}")
     grid = spec.image_size // spec.patch_size if spec.region_weight else None
     dataset = CaptionPairs(records, image_folder, tokenizer, processor, spec.context_length, grid=grid)
     objective = ContrastiveObjective(clip, dist_info.rank, dist_info.world_size,
                                      dataset.phrase_tokens() if dataset.max_boxes else None, spec.region_weight,
-                                     spec.region_pool)
+                                     spec.region_pool, spec.place_weight)
     if grid:
         common.log(f"[base] CLIP region-phrase term (weight {spec.region_weight}, {spec.region_pool}): "
-                   f"{sum(len(r['boxes']) for r in records)} boxes, {len(dataset.phrases)} distinct labels")
+                   f"{sum(len(r['boxes']) for r in records)} boxes, {len(dataset.phrases)} distinct labels"
+                   + (f"; place term (weight {spec.place_weight})" if spec.place_weight else ""))
     trainer = Trainer(spec.train, objective, dataset)
     result = trainer.fit()
     state = trainer.state_dict(lambda name: name.startswith("clip."))

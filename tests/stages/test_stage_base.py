@@ -175,6 +175,54 @@ def test_the_patch_region_term_classifies_every_patch_a_box_overlaps_on_its_own(
     torch.testing.assert_close(loss, contrastive + 2.0 * F.cross_entropy(logits, torch.tensor(targets)))
 
 
+def test_the_place_term_asks_each_region_token_for_its_boxs_column_and_row():
+    """place_weight: a linear head on the region tokens (here per patch, before CLIP's projection) classifies their
+    box's column among 3 and row among 3; a box with an ambiguous row trains no row. The places and the patches
+    under each box are written down by hand, not computed by the code under test."""
+    import torch.nn.functional as F
+
+    from stages.base import ContrastiveObjective, box_places, box_weights
+
+    torch.manual_seed(1)
+    clip, images, texts, phrases = _clip_inputs(2)
+    # box 1: centre (0.125, 0.125) -> left, top. box 2: centre (0.8, 0.5) -> right, middle. box 3: centre y 0.35,
+    # within 0.04 of the line at 1/3 -> no row; centre x 0.5 -> center.
+    boxes = [[(0.0, 0.0, 0.25, 0.25), (0.7, 0.4, 0.9, 0.6)], [(0.4, 0.3, 0.6, 0.4)]]
+    hand = [[(0, 0), (2, 1)], [(1, -1)]]
+    assert [[box_places(b) for b in bs] for bs in boxes] == hand
+    regions, region_labels = torch.zeros(2, 2, 16), torch.full((2, 2), -1)
+    region_places = torch.full((2, 2, 2), -1)
+    for i, bs in enumerate(boxes):
+        for k, box in enumerate(bs):
+            regions[i, k], region_labels[i, k], region_places[i, k] = box_weights(box, 4), 1, torch.tensor(hand[i][k])
+
+    objective = ContrastiveObjective(clip, 0, 1, phrases, region_weight=1.0, region_pool="patch", place_weight=0.5)
+    loss = objective(images, texts, regions, region_labels, region_places)["loss"]
+    without = ContrastiveObjective(clip, 0, 1, phrases, region_weight=1.0, region_pool="patch")(
+        images, texts, regions, region_labels, region_places)["loss"]
+    clip.visual.output_tokens = True
+    _, tokens = clip.visual(images)
+    clip.visual.output_tokens = False
+    # the 4x4 cells under each box: box 1 covers cell 0; box 2 columns 2-3 of rows 1-2; box 3 columns 1-2 of row 1
+    cells = [[[0], [6, 7, 10, 11]], [[5, 6]]]
+    weight, bias = objective.place_head.weight, objective.place_head.bias
+    column_logits, column_y, row_logits, row_y = [], [], [], []
+    for i in range(2):
+        for k, patches in enumerate(cells[i]):
+            for patch in patches:
+                logits = weight @ tokens[i][patch] + bias
+                column_logits.append(logits[:3])
+                column_y.append(hand[i][k][0])
+                if hand[i][k][1] >= 0:
+                    row_logits.append(logits[3:])
+                    row_y.append(hand[i][k][1])
+    assert len(column_logits) == 7 and len(row_logits) == 5
+    columns = F.cross_entropy(torch.stack(column_logits), torch.tensor(column_y))
+    rows = F.cross_entropy(torch.stack(row_logits), torch.tensor(row_y))
+    torch.testing.assert_close(loss, without + 0.5 * (columns + rows))
+    assert not any(k.startswith("place_head") for k in clip.state_dict())  # the saved tower stays a plain CLIP
+
+
 def test_bad_boxes_in_the_captions_file_are_named(tmp_path):
     import pytest
 
@@ -213,10 +261,12 @@ def test_the_micro_base_run_trained_clip_with_the_scene_boxes(base_run, scene_da
     torch.testing.assert_close(item["regions"][:n_boxes].sum(1), torch.ones(n_boxes))
     assert (item["region_labels"][:n_boxes] >= 0).all() and (item["region_labels"][n_boxes:] == -1).all()
     assert [dataset.phrases[i] for i in item["region_labels"][:n_boxes]] == [b[0] for b in records[0]["boxes"]]
+    assert item["region_places"].shape == (dataset.max_boxes, 2) and (item["region_places"][n_boxes:] == -1).all()
+    assert ((item["region_places"] >= -1) & (item["region_places"] <= 2)).all()
     assert base_run.cfg.clip.region_weight > 0
 
 
-def test_a_batch_without_boxes_adds_nothing_but_still_runs_the_phrase_tower():
+def test_a_batch_without_boxes_adds_nothing_but_still_runs_the_phrase_tower_and_place_head():
     from open_clip.loss import ClipLoss
 
     from stages.base import ContrastiveObjective
@@ -233,3 +283,10 @@ def test_a_batch_without_boxes_adds_nothing_but_still_runs_the_phrase_tower():
     assert len(calls) == 2  # captions and one phrase: every rank makes the same ZeRO-3 gathers
     out = clip(images, texts)
     torch.testing.assert_close(loss, ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]))
+    head_calls = []
+    objective = ContrastiveObjective(clip, 0, 1, phrases, region_weight=1.0, place_weight=1.0)
+    objective.place_head.register_forward_hook(lambda *_: head_calls.append(1))
+    with_places = objective(images, texts, torch.zeros(2, 1, 16), torch.full((2, 1), -1),
+                            torch.full((2, 1, 2), -1))["loss"]
+    assert head_calls == [1]  # the place head runs too, adding nothing
+    torch.testing.assert_close(with_places, loss)
