@@ -102,6 +102,16 @@ class ClipSpec:
     place_weight: float = 0.0
     train: TrainConfig | None = None
 
+    def __post_init__(self):
+        if self.region_weight < 0:
+            raise ConfigError(f"base.clip.region_weight must be >= 0, got {self.region_weight}")
+        if self.region_pool not in ("mean", "patch"):
+            raise ConfigError(f"base.clip.region_pool must be 'mean' or 'patch', got {self.region_pool!r}")
+        if self.place_weight < 0 or (self.place_weight and not self.region_weight):
+            raise ConfigError(f"base.clip.place_weight must be >= 0 and needs region_weight > 0 (it trains the "
+                              f"region term's tokens), got place_weight {self.place_weight}, region_weight "
+                              f"{self.region_weight}")
+
 
 @dataclass
 class LMSpec:
@@ -382,13 +392,6 @@ def train_clip(cfg: BaseConfig, records: list[dict], tokenizer, out: Path) -> di
                   "resize_mode": "shortest"}
     processor = ImageProcessor(spec.image_size, OPENAI_MEAN, OPENAI_STD, "bicubic", "pad")
     image_folder = Path(cfg.image_folder) if cfg.image_folder else Path(cfg.captions).parent / "images"
-    if spec.region_weight < 0:
-        raise ConfigError(f"base.clip.region_weight must be >= 0, got {spec.region_weight}")
-    if spec.region_pool not in ("mean", "patch"):
-        raise ConfigError(f"base.clip.region_pool must be 'mean' or 'patch', got {spec.region_pool!r}")
-    if spec.place_weight < 0 or (spec.place_weight and not spec.region_weight):
-        raise ConfigError(f"base.clip.place_weight must be >= 0 and needs region_weight > 0 (it trains the region "
-                          f"term's features), got place_weight {spec.place_weight}, region_weight {spec.region_weight}")
     grid = spec.image_size // spec.patch_size if spec.region_weight else None
     dataset = CaptionPairs(records, image_folder, tokenizer, processor, spec.context_length, grid=grid)
     objective = ContrastiveObjective(clip, dist_info.rank, dist_info.world_size,
@@ -593,6 +596,7 @@ def run(cfg: BaseConfig) -> dict:
         raise ConfigError(f"instruct_data: expected a list of LLaVA JSON files, got {cfg.instruct_data!r}")
     setup_distributed()
     common.save_resolved_config(cfg, out)
+    commit = _commit() if cfg.ship_to else None  # the code that builds them: a commit made meanwhile is not it
     timings = {}
     started = time.perf_counter()
     records = read_captions(Path(cfg.captions))
@@ -630,7 +634,8 @@ def run(cfg: BaseConfig) -> dict:
     timings["lm_s"] = time.perf_counter() - started
     common.log("[base] " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     if cfg.ship_to and common.is_main():
-        ship(cfg, out, Path(cfg.ship_to), {"clip": clip_metrics, "lm": lm_metrics, "seconds": timings})
+        ship(cfg, out, Path(cfg.ship_to), {"clip": clip_metrics, "lm": lm_metrics, "seconds": timings,
+                                           "commit": commit})
     common.barrier()
     return {"tokenizer": str(tokenizer_file), "vision_tower": str(out / CLIP_DIR), "llm": str(out / LLM_DIR),
             "clip_metrics": clip_metrics, "lm_metrics": lm_metrics, "seconds": timings}
@@ -681,7 +686,7 @@ def ship(cfg: BaseConfig, built: Path, dest: Path, metrics: dict) -> None:
     final_probe = {k: v for k, v in (lm["probe_curve"][-1] if lm.get("probe_curve") else {}).items() if k != "step"}
     atomic_write_json(dest / MANIFEST, {
         "files": files, "seed": cfg.seed, "config": to_dict(cfg), "command": "make bases (" + " ".join(sys.argv) + ")",
-        "commit": _commit(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "commit": metrics.get("commit", _commit()), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "text_probe": final_probe,
         "text_probe_curve": lm.get("probe_curve", []), "seconds": metrics["seconds"],
         "clip_final_loss": metrics["clip"].get("loss"), "lm_final_loss": lm.get("loss")})

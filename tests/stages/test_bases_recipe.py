@@ -37,6 +37,18 @@ def test_the_recipe_ships_both_models_with_a_manifest_that_checks(shipped):
     assert shipped_llm == (Path(outputs["llm"]) / "model.safetensors").read_bytes()
 
 
+def test_the_manifest_names_the_commit_the_run_started_from(scene_data, tmp_path, monkeypatch):
+    """A commit made while the bases train (the recipe takes an hour) is not the code that built them."""
+    from stages import base
+
+    heads = iter(["commit-at-start", "commit-made-meanwhile", "commit-made-meanwhile"])
+    monkeypatch.setattr(base, "_commit", lambda: next(heads))
+    cfg = bound(base, {**MICRO_BASE, "output_dir": str(tmp_path / "run"), "captions": str(scene_data.captions),
+                       "corpus": {"scenes": 10, "seed": 3}, "ship_to": str(tmp_path / "dest")})
+    base.run(cfg)
+    assert json.loads((tmp_path / "dest" / "manifest.json").read_text())["commit"] == "commit-at-start"
+
+
 def test_a_changed_file_fails_the_manifest_check(shipped, tmp_path):
     import shutil
 

@@ -223,6 +223,21 @@ def test_the_place_term_asks_each_region_token_for_its_boxs_column_and_row():
     assert not any(k.startswith("place_head") for k in clip.state_dict())  # the saved tower stays a plain CLIP
 
 
+def test_clip_spec_names_a_bad_region_or_place_setting():
+    import pytest
+
+    from stages.base import ClipSpec
+    from stages.config import ConfigError
+
+    for kwargs, match in (({"region_weight": -1.0}, "region_weight must be >= 0"),
+                          ({"region_pool": "max"}, "region_pool must be 'mean' or 'patch', got 'max'"),
+                          ({"place_weight": -0.5}, "place_weight must be >= 0"),
+                          ({"place_weight": 1.0, "region_weight": 0.0}, "needs region_weight > 0")):
+        with pytest.raises(ConfigError, match=match):
+            ClipSpec(**kwargs)
+    assert ClipSpec(place_weight=1.0, region_pool="patch").place_weight == 1.0
+
+
 def test_bad_boxes_in_the_captions_file_are_named(tmp_path):
     import pytest
 
