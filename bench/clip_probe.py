@@ -2,12 +2,14 @@
 
 For every box of a captions file (`llava-pipeline scenes` writes them: label "small red circle", normalised bbox), the
 tower's selected-layer patch tokens that the box touches are averaged (the features LLaVA's projector reads, at
-LLaVA's `select_layer`), and one linear probe per word of the label (size, colour, shape for the scenes) is fitted on
-the training scenes and scored on the held-out scenes, next to the majority-class baseline. A tower that cannot tell
-the shapes apart here cannot give a LLaVA model built on it the answer to "What colour is the triangle?".
+LLaVA's `select_layer`), and one linear probe per word of the label (size, colour, shape for the scenes) and one each
+for the box's column and row (left/center/right, top/middle/bottom, where data_gen.world.position_word finds them
+clear) is fitted on the training scenes and scored on the held-out scenes, next to the majority-class baseline. A
+tower that cannot tell the shapes apart here cannot give a LLaVA model built on it the answer to "What colour is the
+triangle?".
 
-    python bench/clip_probe.py --clip runs/demo/base/clip --train runs/demo/scenes/train \
-        --heldout runs/demo/scenes/heldout [--select-layer -2]
+    python bench/clip_probe.py --clip assets/tiny-bases/clip --train runs/demo/scenes/train \
+        --heldout runs/demo/scenes/heldout [--select-layer -1] [--pool center]
 """
 from __future__ import annotations
 
@@ -32,10 +34,12 @@ def load_tower(clip_dir: Path, select_layer: int):
 
 def box_features(tower, folder: Path, pool: str = "mean") -> tuple[torch.Tensor, list[list[str]]]:
     """[boxes, width] patch tokens under each box (`pool` "mean": their average; "center": the one patch at the box's
-    centre, what a reader of one token gets), and each box's label words."""
+    centre, what a reader of one token gets), and each box's words: its label's, then its column and row words
+    (data_gen.world.position_word, the rule the questions use; "-" where that is ambiguous)."""
+    from data_gen import world
     from data_gen.records import read_captions
     from llava.data.images import open_rgb
-    from stages.base import box_weights
+    from stages.base import box_places, box_weights
 
     processor = tower.image_processor()
     grid = tower.visual.grid_size[0]
@@ -53,7 +57,9 @@ def box_features(tower, folder: Path, pool: str = "mean") -> tuple[torch.Tensor,
                     features.append(image_tokens[row * grid + col])
                 else:
                     features.append(box_weights(box.bbox, grid) @ image_tokens)
-                words.append(box.label.split())
+                column, row = box_places(box.bbox)
+                words.append(box.label.split() + [world.COLUMNS[column] if column >= 0 else "-",
+                                                  world.ROWS[row] if row >= 0 else "-"])
     if not features:
         raise SystemExit(f"{folder / 'captions.jsonl'} has no boxes to probe")
     return torch.stack(features), words
@@ -86,16 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     tower = load_tower(args.clip, args.select_layer)
     train_x, train_words = box_features(tower, args.train, args.pool)
     test_x, test_words = box_features(tower, args.heldout, args.pool)
-    slots = min(map(len, train_words + test_words))
+    slots = min(map(len, train_words + test_words)) - 2
     print(f"{len(train_x)} training boxes, {len(test_x)} held-out boxes, layer {args.select_layer}, pool {args.pool}")
-    print("| label word | classes | held-out probe accuracy | majority baseline |\n|---|---:|---:|---:|")
-    for slot in range(slots):
-        names = sorted({w[slot] for w in train_words + test_words})
-        train_y = torch.tensor([names.index(w[slot]) for w in train_words])
-        test_y = torch.tensor([names.index(w[slot]) for w in test_words])
-        accuracy = probe(train_x, train_y, test_x, test_y, len(names))
+    print("| what | classes | held-out probe accuracy | majority baseline |\n|---|---:|---:|---:|")
+    # the label's words, then where the box is: the last two slots, boxes with an ambiguous place left out
+    for slot, name in [*((k, f"label word {k + 1}") for k in range(slots)), (-2, "column"), (-1, "row")]:
+        train = [k for k, w in enumerate(train_words) if w[slot] != "-"]
+        test = [k for k, w in enumerate(test_words) if w[slot] != "-"]
+        names = sorted({train_words[k][slot] for k in train} | {test_words[k][slot] for k in test})
+        train_y = torch.tensor([names.index(train_words[k][slot]) for k in train])
+        test_y = torch.tensor([names.index(test_words[k][slot]) for k in test])
+        accuracy = probe(train_x[train], train_y, test_x[test], test_y, len(names))
         majority = float(torch.bincount(test_y, minlength=len(names)).max()) / len(test_y)
-        print(f"| {slot + 1} ({'/'.join(names[:4])}{'/...' if len(names) > 4 else ''}) | {len(names)} | "
+        print(f"| {name} ({'/'.join(names[:4])}{'/...' if len(names) > 4 else ''}) | {len(names)} | "
               f"{accuracy:.3f} | {majority:.3f} |")
     return 0
 
