@@ -8,7 +8,8 @@ The offline demo has no pretrained CLIP or LLaMA, so this stage builds tiny ones
    where the captions file has object boxes: each box's patch tokens, pooled, must pick the box's label among the
    batch's labels (as RegionCLIP / GLIP ground phrases). From 2000 captions alone a tiny CLIP learns colours but
    hardly shapes, so the LLaVA built on it cannot find "the triangle"; the region term puts shapes into the patch
-   tokens LLaVA reads (docs/stages.md has the measurements). Saved in open_clip's local-dir layout
+   tokens LLaVA reads (docs/stages.md has the measurements); with `clip.place_weight`, a training-only linear head
+   asks the same tokens for their object's column and row as well. Saved in open_clip's local-dir layout
    (`clip/open_clip_config.json` + `clip/open_clip_model.safetensors`), which `ModelSpec.vision_tower`
    and `open_clip.create_model("local-dir:...")` both load;
 3. a tiny LLaMA pretrained as a language model on the same text (captions, and the instruction conversations rendered
