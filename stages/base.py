@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 
 from data_gen import world
 from data_gen.corpus import CorpusSpec
+from data_gen.records import Box
 from llava.constants import IGNORE_INDEX
 from llava.io import jsonl_lines, parse_json_line
 from stages.config import ConfigError
@@ -253,11 +254,11 @@ def box_weights(bbox: tuple[float, float, float, float], grid: int) -> torch.Ten
 
 
 def box_places(bbox: tuple[float, float, float, float]) -> tuple[int, int]:
-    """(column, row) of a normalised box as indices into world.COLUMNS / world.ROWS, -1 where ambiguous."""
-    x0, y0, x1, y1 = bbox
-    column = world.position_word((x0 + x1) / 2, x1 - x0, world.COLUMNS)
-    row = world.position_word((y0 + y1) / 2, y1 - y0, world.ROWS)
-    return (world.COLUMNS.index(column) if column else -1, world.ROWS.index(row) if row else -1)
+    """(column, row) of a normalised box as indices into world.COLUMNS / world.ROWS, -1 where ambiguous: the column
+    and row world.SceneObject gives every generator's questions."""
+    place = world.read_object(Box("", bbox))
+    return (world.COLUMNS.index(place.column) if place.column else -1,
+            world.ROWS.index(place.row) if place.row else -1)
 
 
 class CaptionPairs(Dataset):
@@ -667,7 +668,8 @@ def _commit() -> str | None:
 
 def ship(cfg: BaseConfig, built: Path, dest: Path, metrics: dict) -> None:
     """Copy the models into `dest` (clip/, llama/) and write `dest/manifest.json` last (its presence marks a complete
-    set): sha256 and size of every file, the resolved config, seed, command, commit and the probe numbers."""
+    set): sha256 and size of every file, the resolved config, seed, command, commit (`metrics["commit"]`, read when
+    the run started) and the probe numbers."""
     import shutil
     import sys
 
@@ -687,7 +689,7 @@ def ship(cfg: BaseConfig, built: Path, dest: Path, metrics: dict) -> None:
     final_probe = {k: v for k, v in (lm["probe_curve"][-1] if lm.get("probe_curve") else {}).items() if k != "step"}
     atomic_write_json(dest / MANIFEST, {
         "files": files, "seed": cfg.seed, "config": to_dict(cfg), "command": "make bases (" + " ".join(sys.argv) + ")",
-        "commit": metrics.get("commit", _commit()), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "commit": metrics["commit"], "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "text_probe": final_probe,
         "text_probe_curve": lm.get("probe_curve", []), "seconds": metrics["seconds"],
         "clip_final_loss": metrics["clip"].get("loss"), "lm_final_loss": lm.get("loss")})
