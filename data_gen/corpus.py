@@ -18,7 +18,7 @@ The scenes are drawn from their own seed stream ("corpus"), so they are not the 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from data_gen import world
@@ -46,12 +46,22 @@ class CorpusSpec:
     paraphrase_fraction: float = 0.3  # share of short-answer questions asked in a CORPUS_TEMPLATES phrasing
     style: str = "chat"  # short-answer documents: "qa" reading texts or "chat" conversations (see above)
     chat_fraction: float = 0.0  # with style "qa": share of scenes whose questions are written as a chat instead
+    # relative weight of each data_gen.vqa category when a question is drawn ({"color": 3.0}: colour questions three
+    # times as often as each other category); unnamed categories weigh 1. Empty: all alike.
+    category_weights: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"corpus.style: {self.style!r} is not one of {', '.join(STYLES)}")
         if not 0.0 <= self.chat_fraction <= 1.0:
             raise ValueError(f"corpus.chat_fraction: {self.chat_fraction} is not between 0 and 1")
+        for name, weight in self.category_weights.items():
+            if name not in CATEGORIES:
+                raise ValueError(f"corpus.category_weights: {name!r} is not one of {', '.join(CATEGORIES)}")
+            if not isinstance(weight, (int, float)) or weight < 0:
+                raise ValueError(f"corpus.category_weights.{name}: {weight!r} is not a number >= 0")
+        if self.category_weights and not any(self.category_weights.get(c, 1.0) for c in CATEGORIES):
+            raise ValueError("corpus.category_weights: every category weighs 0")
 
 
 class Corpus(NamedTuple):
@@ -77,14 +87,16 @@ def scene_as_text(record: CaptionRecord, rng: random.Random) -> str:
 
 
 def short_answer_questions(record: CaptionRecord, rng: random.Random, wanted: int,
-                           paraphrase_fraction: float) -> list[dict]:
-    """Up to `wanted` distinct-fact short-answer turns (exist answers alternate), some in corpus phrasings."""
+                           paraphrase_fraction: float, category_weights: dict | None = None) -> list[dict]:
+    """Up to `wanted` distinct-fact short-answer turns (exist answers alternate), some in corpus phrasings;
+    categories drawn alike or by `category_weights` (CorpusSpec)."""
     vocabulary = Vocabulary()
+    weights = [category_weights.get(c, 1.0) for c in CATEGORIES] if category_weights else None
     turns, facts, want_yes = [], set(), rng.random() < 0.5
     for _ in range(6 * wanted):
         if len(turns) == wanted:
             break
-        category = rng.choice(CATEGORIES)
+        category = rng.choices(CATEGORIES, weights)[0] if weights else rng.choice(CATEGORIES)
         question = ask(category, record, vocabulary, rng, want_yes)
         if category == "exist":
             want_yes = not want_yes
@@ -133,7 +145,8 @@ def documents(spec: CorpusSpec) -> Corpus:
     for index in range(spec.scenes):
         record = scene_record(spec.seed, index, spec.canvas)
         rng = stable_rng(spec.seed, record.id, "corpus")
-        turns = short_answer_questions(record, rng, rng.randint(low, high), spec.paraphrase_fraction)
+        turns = short_answer_questions(record, rng, rng.randint(low, high), spec.paraphrase_fraction,
+                                       spec.category_weights)
         if turns and spec.style == "qa" and not (spec.chat_fraction and rng.random() < spec.chat_fraction):
             corpus.readings.append(_reading(scene_as_text(record, rng), turns))
         elif turns:

@@ -129,6 +129,25 @@ def test_chat_fraction_writes_that_share_of_the_scenes_as_chats_and_leaves_the_r
         CorpusSpec(style="qa", chat_fraction=1.5)
 
 
+def test_category_weights_change_how_often_each_kind_of_question_is_asked():
+    from data_gen.corpus import CorpusSpec, documents
+
+    colours = {"red", "green", "blue", "yellow", "purple", "orange"}  # written here, not read from data_gen.world
+
+    def colour_share(**weights):
+        readings = documents(CorpusSpec(scenes=300, seed=6, style="qa", category_weights=weights)).readings
+        answers = [text.strip() for segments in readings for text, trained in segments if trained]
+        return sum(a in colours for a in answers) / len(answers)
+
+    plain, more, none = colour_share(), colour_share(color=4.0), colour_share(color=0)
+    assert 0.1 < plain < 0.25 and more > 1.3 * plain and none == 0.0
+    assert documents(CorpusSpec(scenes=50, seed=6, category_weights={})) == documents(CorpusSpec(scenes=50, seed=6))
+    with pytest.raises(ValueError, match="colour"):
+        CorpusSpec(category_weights={"colour": 2.0})
+    with pytest.raises(ValueError, match="every category weighs 0"):
+        CorpusSpec(category_weights=dict.fromkeys(("color", "shape", "count", "exist", "position"), 0))
+
+
 def test_probe_questions_go_round_robin_and_name_what_the_scene_text_says():
     from data_gen.corpus import probe_questions
 
