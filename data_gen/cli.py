@@ -120,6 +120,9 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--short-answer-turns", type=_turns, default=(3, 5), metavar="FEWEST,MOST",
                         help="questions per short_answer sample (default 3,5; LLaVA-1.5 packs all of an image's)")
+    parser.add_argument("--short-answer-paraphrases", type=float, default=0.0, metavar="FRACTION",
+                        help="share of short_answer questions asked in another wording (data_gen.paraphrases' "
+                             "training wordings; default 0)")
     parser.add_argument("--cache", help="finished-items cache (default OUT.cache.jsonl)")
     parser.add_argument("--failures", help="failed items with reasons (default OUT.failures.jsonl)")
     parser.add_argument("--summary", help="summary JSON (default OUT.summary.json)")
@@ -204,7 +207,7 @@ def generate_main(argv: list[str]) -> int:
                            workers=args.workers, cache_path=args.cache, failures_path=args.failures,
                            summary_path=args.summary, skip_bad=args.skip_bad, limit=args.limit,
                            progress=not args.no_progress, openai_config=config,
-                           answer_turns=args.short_answer_turns)
+                           answer_turns=args.short_answer_turns, answer_paraphrases=args.short_answer_paraphrases)
     except (InputError, CacheError, BackendFatal, ValueError) as e:
         return _fail(parser.prog, e)
     _print_summary(summary)

@@ -27,7 +27,7 @@ from data_gen.offline import OfflineBackend
 from data_gen.openai_backend import ItemFailed, OpenAIBackend, OpenAIConfig
 from data_gen.prompting import GPT_TYPES, RESPONSE_TYPES
 from data_gen.records import CaptionRecord, read_captions
-from data_gen.vqa import check_turns, short_answer_turns
+from data_gen.vqa import check_paraphrase_fraction, check_turns, short_answer_turns
 from data_gen.world import Vocabulary
 from llava.io import atomic_write_json, atomic_write_text
 
@@ -181,12 +181,13 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
              cache_path: str | os.PathLike | None = None, failures_path: str | os.PathLike | None = None,
              summary_path: str | os.PathLike | None = None, skip_bad: bool = False, limit: int | None = None,
              progress: bool = True, openai_config: OpenAIConfig | None = None,
-             answer_turns: tuple[int, int] = (3, 5)) -> dict:
+             answer_turns: tuple[int, int] = (3, 5), answer_paraphrases: float = 0.0) -> dict:
     """Generate LLaVA instruction data for every (record, type); returns the summary (also written as JSON).
 
     Defaults put the cache, failures and summary next to the output: OUT.cache.jsonl, OUT.failures.jsonl,
     OUT.summary.json. Raises BackendFatal when the backend cannot work at all (no key, key rejected).
-    `answer_turns`: (fewest, most) questions per short_answer sample.
+    `answer_turns`: (fewest, most) questions per short_answer sample; `answer_paraphrases`: the share of them asked in
+    another wording (data_gen.vqa.short_answer_turns).
     """
     started = time.monotonic()
     types = list(dict.fromkeys(types))
@@ -212,9 +213,12 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
         workers = 1  # pure Python: threads would only add overhead
 
     answer_turns = check_turns(answer_turns)
+    answer_paraphrases = check_paraphrase_fraction(answer_paraphrases)
     # the cache records how short answers were made, so a cache of 3-5 turns is never reused for 10
     low, high = answer_turns
     rules_source = RULES_SOURCE if answer_turns == (3, 5) else f"{RULES_SOURCE}:turns={low}-{high}"
+    if answer_paraphrases:
+        rules_source += f":paraphrases={answer_paraphrases:g}"
 
     def source_of(response_type: str) -> str:
         return rules_source if response_type == "short_answer" else model_backend.source
@@ -222,7 +226,7 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
     def work(record: CaptionRecord, response_type: str) -> Outcome:
         try:
             if response_type == "short_answer":
-                turns = short_answer_turns(record, vocabulary, seed, answer_turns)
+                turns = short_answer_turns(record, vocabulary, seed, answer_turns, answer_paraphrases)
             else:
                 turns = model_backend.generate(record, response_type)
         except ItemFailed as e:

@@ -239,6 +239,7 @@ class GenerateSection:
     limit: int | None = None
     skip_bad: bool = False
     short_answer_turns: list = field(default_factory=lambda: [3, 5])  # [fewest, most] questions per short_answer sample
+    short_answer_paraphrases: float = 0.0  # share of those questions asked in another wording (data_gen.paraphrases)
     questions_per_image: int = 3
     open_every: int = 10  # one open (sentence-answer) question every N held-out images
     openai: dict = field(default_factory=dict)  # data_gen.openai_backend.OpenAIConfig keys (model, base_url, rpm, ...)
@@ -378,7 +379,8 @@ def plan_generate(run: Run, cfg: GenerateSection) -> Plan:
                 summary = generate(captions, out / f"{name}.json", backend=cfg.backend, types=[response_type],
                                    seed=cfg.seed + k, workers=cfg.workers, skip_bad=cfg.skip_bad, limit=limit,
                                    progress=False, openai_config=openai_config,
-                                   answer_turns=_answer_turns(cfg.short_answer_turns))
+                                   answer_turns=_answer_turns(cfg.short_answer_turns),
+                                   answer_paraphrases=cfg.short_answer_paraphrases)
                 if summary["failed"]:
                     raise PipelineError(f"generate: {summary['failed']} {response_type} item(s) failed (reasons in "
                                         f"{summary['failures']}); run the pipeline again to retry them (finished "
@@ -667,6 +669,7 @@ def validate_sections(config: RunConfig, where: str) -> None:
 def _check_generate(cfg: GenerateSection, where: str) -> None:
     from data_gen.openai_backend import OpenAIConfig
     from data_gen.prompting import RESPONSE_TYPES
+    from data_gen.vqa import check_paraphrase_fraction
 
     if cfg.backend not in ("offline", "openai"):
         raise ConfigError(f"{where}.backend: {cfg.backend!r} is not a backend; use offline or openai")
@@ -674,6 +677,10 @@ def _check_generate(cfg: GenerateSection, where: str) -> None:
         raise ConfigError(f"{where}.types: expected a list of response types or a mapping {{type: fraction}}, got "
                           f"{cfg.types!r}")
     _answer_turns(cfg.short_answer_turns)
+    try:
+        check_paraphrase_fraction(cfg.short_answer_paraphrases)
+    except ValueError as e:
+        raise ConfigError(f"{where}.short_answer_paraphrases: {e}") from None
     fractions = type_fractions(cfg.types)
     unknown = [t for t in fractions if t not in RESPONSE_TYPES]
     if unknown:

@@ -329,6 +329,25 @@ def check_short_answer(question: str, answer: str, record: CaptionRecord, catego
     elif m := re.fullmatch(r"(?:Is the (.+) at the top, (?:in the )?middle or (?:at the )?bottom(?: of the image)?|"
                            r"Where is the (.+) vertically: top, middle or bottom)\?", q):
         found, expected = "position", the_one(next(g for g in m.groups() if g), objs).row
+    # the training paraphrases (data_gen.paraphrases.CORPUS_TEMPLATES), after every template form above
+    elif m := re.fullmatch(r"Which colour does the (.+) have\?|The (.+) is what color\?|Name the color of the (.+)\.|"
+                           r"What color does the (.+) have\?", q):
+        found, expected = "color", the_one(next(g for g in m.groups() if g), objs).colour
+    elif m := re.fullmatch(r"What is the (.+)\?|Name the shape of the (.+)\.|The (.+) is which shape\?|"
+                           r"What shape does the (.+) have\?", q):
+        found, expected = "shape", the_one(next(g for g in m.groups() if g), objs).noun
+    elif m := re.fullmatch(r"Count the (.+)\.|How many (.+) does the image show\?|Number of (.+)\?|"
+                           r"How many (.+) are visible\?", q):
+        found, expected = "count", str(len(kind_members(next(g for g in m.groups() if g), objs)))
+    elif m := re.fullmatch(r"(?:Is|Do you see|Does the picture have) an? (.+?)(?: present| shown)?\?", q):
+        members = [o for o in objs if m.group(1) in (o.noun, f"{o.colour} {o.noun}")]
+        found, expected = "exist", "Yes" if members else "No"
+    elif m := re.fullmatch(r"Left, center or right: where is the (.+)\?|Is the (.+) left, center or right\?|"
+                           r"On which side is the (.+): left, center or right\?", q):
+        found, expected = "position", the_one(next(g for g in m.groups() if g), objs).col
+    elif m := re.fullmatch(r"Top, middle or bottom: where is the (.+)\?|Is the (.+) top, middle or bottom\?|"
+                           r"How high is the (.+): top, middle or bottom\?", q):
+        found, expected = "position", the_one(next(g for g in m.groups() if g), objs).row
     else:
         raise AssertionError(f"unknown short-answer question: {q!r}")
     assert answer == expected, (q, answer, expected)

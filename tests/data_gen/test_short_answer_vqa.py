@@ -104,3 +104,29 @@ def test_many_turns_per_image_are_distinct_true_and_cached_apart(scenes, tmp_pat
     assert all(t["value"].endswith(SHORT_ANSWER_SUFFIX) for s in samples for t in s["conversations"][::2])
     with pytest.raises(CacheError, match="rules:turns=10-10"):  # a cache of 10 turns is never reused for 3-5
         generate(scenes, out, types=["short_answer"], progress=False, limit=20)
+
+
+def test_paraphrased_training_turns_are_true_and_in_other_words(scenes, tmp_path):
+    """With a paraphrase share, that share of the questions is worded otherwise (not in the plain run's wordings),
+    every answer still checks against the boxes, and the cache keeps the two kinds of data apart."""
+    from data_gen.driver import CacheError, generate
+
+    records, _ = read_captions(scenes)
+    plain_wordings, worded, total = set(), 0, 0
+    for record in records:
+        plain_wordings.update(t["question"] for t in short_answer_turns(record, Vocabulary(), seed=0, turns=(8, 8)))
+    for record in records:
+        turns = short_answer_turns(record, Vocabulary(), seed=0, turns=(8, 8), paraphrase_fraction=0.5)
+        for turn in turns:
+            check_short_answer(turn["question"], turn["answer"], record)
+            assert turn["question"].endswith(SHORT_ANSWER_SUFFIX)
+            worded += turn["question"] not in plain_wordings
+            total += 1
+    assert 0.3 < worded / total < 0.6
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        short_answer_turns(records[0], Vocabulary(), paraphrase_fraction=1.5)
+
+    out = tmp_path / "sa.json"
+    generate(scenes, out, types=["short_answer"], progress=False, limit=10, answer_paraphrases=0.5)
+    with pytest.raises(CacheError, match="paraphrases=0.5"):  # a paraphrased cache is never reused for plain data
+        generate(scenes, out, types=["short_answer"], progress=False, limit=10)

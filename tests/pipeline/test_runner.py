@@ -106,6 +106,8 @@ def test_config_typos_fail_before_anything_runs(tmp_path, capsys):
     assert code == 2 and "(did you mean 'out_dir'?)" in out
     code, out = _run(capsys, "--config", config, "generate.short_answer_turns=[5,3]")
     assert code == 2 and "generate.short_answer_turns: expected [fewest, most]" in out
+    code, out = _run(capsys, "--config", config, "generate.short_answer_paraphrases=1.5")
+    assert code == 2 and "generate.short_answer_paraphrases: short-answer paraphrase fraction must be" in out
     assert not (tmp_path / "run").exists()
 
 
