@@ -4,8 +4,9 @@ scene can say about it.
 LLaVA starts from an LLM that already reads facts from its context; the tiny demo's LLM has to learn that here, from
 the scene world alone (no image is rendered: scenes are sampled and written out). A document is a scene as text in
 place of the image, then either
-- short-answer questions about it (every category of data_gen.vqa, in its templates and in the extra phrasings of
-  data_gen.paraphrases.CORPUS_TEMPLATES), written in one of two styles (`CorpusSpec.style`):
+- short-answer questions about it (every category of data_gen.vqa, drawn alike or by `CorpusSpec.category_weights`,
+  in its templates and in the extra phrasings of data_gen.paraphrases.CORPUS_TEMPLATES), written in one of two styles
+  (`CorpusSpec.style`):
   - "qa", a reading text: `Objects: ...` then `Q: <question>` / `A: <answer>` lines, trained on the answers alone. It
     puts every trained token a few tokens after the facts it needs, which teaches a tiny LLM to look things up in
     its context (the bases' text probe: 0.43 in the chat style, 0.595 in this one; docs/demo.md);
