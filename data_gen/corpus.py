@@ -59,7 +59,7 @@ class CorpusSpec:
         for name, weight in self.category_weights.items():
             if name not in CATEGORIES:
                 raise ValueError(f"corpus.category_weights: {name!r} is not one of {', '.join(CATEGORIES)}")
-            if not isinstance(weight, (int, float)) or weight < 0:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
                 raise ValueError(f"corpus.category_weights.{name}: {weight!r} is not a number >= 0")
         if self.category_weights and not any(self.category_weights.get(c, 1.0) for c in CATEGORIES):
             raise ValueError("corpus.category_weights: every category weighs 0")
