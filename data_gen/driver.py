@@ -27,7 +27,8 @@ from data_gen.offline import OfflineBackend
 from data_gen.openai_backend import ItemFailed, OpenAIBackend, OpenAIConfig
 from data_gen.prompting import GPT_TYPES, RESPONSE_TYPES
 from data_gen.records import CaptionRecord, read_captions
-from data_gen.vqa import check_paraphrase_fraction, check_turns, short_answer_turns
+from data_gen.paraphrases import training_rewording
+from data_gen.vqa import check_turns, short_answer_turns
 from data_gen.world import Vocabulary
 from llava.io import atomic_write_json, atomic_write_text
 
@@ -213,11 +214,11 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
         workers = 1  # pure Python: threads would only add overhead
 
     answer_turns = check_turns(answer_turns)
-    answer_paraphrases = check_paraphrase_fraction(answer_paraphrases)
+    reword = training_rewording(answer_paraphrases)
     # the cache records how short answers were made, so a cache of 3-5 turns is never reused for 10
     low, high = answer_turns
     rules_source = RULES_SOURCE if answer_turns == (3, 5) else f"{RULES_SOURCE}:turns={low}-{high}"
-    if answer_paraphrases:
+    if reword:
         rules_source += f":paraphrases={answer_paraphrases:g}"
 
     def source_of(response_type: str) -> str:
@@ -226,7 +227,7 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
     def work(record: CaptionRecord, response_type: str) -> Outcome:
         try:
             if response_type == "short_answer":
-                turns = short_answer_turns(record, vocabulary, seed, answer_turns, answer_paraphrases)
+                turns = short_answer_turns(record, vocabulary, seed, answer_turns, reword)
             else:
                 turns = model_backend.generate(record, response_type)
         except ItemFailed as e:

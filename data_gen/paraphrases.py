@@ -13,6 +13,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Callable
 
 from data_gen.prompting import stable_rng
 from data_gen.records import read_captions
@@ -57,6 +58,23 @@ def rephrase(question: ShortQuestion, templates: dict[str, tuple[str, ...] | lis
     kind, slots = kind_and_slots(question)
     return ShortQuestion(question.category, rng.choice(templates[kind]).format(**slots), question.answer,
                          question.subject)
+
+
+def check_paraphrase_fraction(fraction) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"short-answer paraphrase fraction must be a number between 0 and 1, got {fraction!r}")
+    return float(fraction)
+
+
+def training_rewording(fraction: float) -> Callable[[ShortQuestion, random.Random], ShortQuestion] | None:
+    """The `reword` of data_gen.vqa.short_answer_turns that asks `fraction` of the questions in a CORPUS_TEMPLATES
+    wording (as a GPT writer varies its wording; the evaluation-only paraphrases stay unseen); None for 0."""
+    if not check_paraphrase_fraction(fraction):
+        return None
+
+    def reword(question: ShortQuestion, rng: random.Random) -> ShortQuestion:
+        return rephrase(question, CORPUS_TEMPLATES, rng) if rng.random() < fraction else question
+    return reword
 
 
 def eval_templates(path: str | os.PathLike = EVAL_PARAPHRASES_FILE) -> dict[str, list[str]]:

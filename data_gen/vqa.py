@@ -163,22 +163,13 @@ def check_turns(turns) -> tuple[int, int]:
     return turns[0], turns[1]
 
 
-def check_paraphrase_fraction(fraction) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"short-answer paraphrase fraction must be a number between 0 and 1, got {fraction!r}")
-    return float(fraction)
-
-
 def short_answer_turns(record: CaptionRecord, vocabulary: Vocabulary, seed: int = 0,
-                       turns: tuple[int, int] = (3, 5), paraphrase_fraction: float = 0.0) -> list[dict]:
+                       turns: tuple[int, int] = (3, 5),
+                       reword: Callable[[ShortQuestion, random.Random], ShortQuestion] | None = None) -> list[dict]:
     """`turns` = (fewest, most) distinct short-answer questions about one image, as {question, answer} turns (training
     data; fewer when the image has fewer distinct facts). Many turns per image is LLaVA-1.5's packing of all of an
-    image's VQA questions into one conversation: the image is encoded once for all of them. `paraphrase_fraction` of
-    the questions are asked in one of data_gen.paraphrases.CORPUS_TEMPLATES' wordings instead (as a GPT writer varies
-    its wording; the eval-only paraphrases stay unseen)."""
-    from data_gen.paraphrases import CORPUS_TEMPLATES, rephrase  # it imports this module
-
-    check_paraphrase_fraction(paraphrase_fraction)
+    image's VQA questions into one conversation: the image is encoded once for all of them. `reword(question, rng)`,
+    when given, may ask each question in other words (data_gen.paraphrases.training_rewording)."""
     low, high = check_turns(turns)
     rng = stable_rng(seed, record.id, "short_answer")
     wanted = rng.randint(low, high)
@@ -194,8 +185,8 @@ def short_answer_turns(record: CaptionRecord, vocabulary: Vocabulary, seed: int 
             want_yes = not want_yes
         if question and question.fact not in facts:
             facts.add(question.fact)
-            if paraphrase_fraction and rng.random() < paraphrase_fraction:
-                question = rephrase(question, CORPUS_TEMPLATES, rng)
+            if reword is not None:
+                question = reword(question, rng)
             asked.append({"question": question.text, "answer": question.answer})
     return asked
 

@@ -669,7 +669,7 @@ def validate_sections(config: RunConfig, where: str) -> None:
 def _check_generate(cfg: GenerateSection, where: str) -> None:
     from data_gen.openai_backend import OpenAIConfig
     from data_gen.prompting import RESPONSE_TYPES
-    from data_gen.vqa import check_paraphrase_fraction
+    from data_gen.paraphrases import check_paraphrase_fraction
 
     if cfg.backend not in ("offline", "openai"):
         raise ConfigError(f"{where}.backend: {cfg.backend!r} is not a backend; use offline or openai")

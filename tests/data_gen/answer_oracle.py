@@ -308,44 +308,35 @@ def check_short_answer(question: str, answer: str, record: CaptionRecord, catego
     assert question.endswith(suffix)
     q = question[: -len(suffix)]
     objs = objects_of(record)
-    if m := re.fullmatch(r"(?:What color is the|What is the color of the|Which color is the|What colour is the) (.+)\?",
-                         q):
-        found, expected = "color", the_one(m.group(1), objs).colour
-    elif m := re.fullmatch(r"(?:What shape is the|What is the shape of the|Which shape is the|"
-                           r"What kind of shape is the) (.+)\?", q):
-        found, expected = "shape", the_one(m.group(1), objs).noun
+    # data_gen.vqa's templates, then the training paraphrases (data_gen.paraphrases.CORPUS_TEMPLATES)
+    if m := re.fullmatch(r"(?:What color is the|What is the color of the|Which color is the|What colour is the) (.+)\?|"
+                         r"Which colour does the (.+) have\?|The (.+) is what color\?|Name the color of the (.+)\.|"
+                         r"What color does the (.+) have\?", q):
+        found, expected = "color", the_one(next(g for g in m.groups() if g), objs).colour
     elif m := re.fullmatch(r"(?:How many (.+) are there|How many (.+) are in the image|How many (.+) can you see|"
-                           r"What is the number of (.+) in the picture)\?", q):
+                           r"What is the number of (.+) in the picture)\?|Count the (.+)\.|"
+                           r"How many (.+) does the image show\?|Number of (.+)\?|How many (.+) are visible\?", q):
         kind = next(g for g in m.groups() if g)
         found, expected = "count", str(len(kind_members(kind, objs)))
+    elif m := re.fullmatch(r"(?:What shape is the|What is the shape of the|Which shape is the|"
+                           r"What kind of shape is the) (.+)\?|Name the shape of the (.+)\.|The (.+) is which shape\?|"
+                           r"What shape does the (.+) have\?|What is the (.+)\?", q):  # the last after count's
+        found, expected = "shape", the_one(next(g for g in m.groups() if g), objs).noun
     elif m := re.fullmatch(r"(?:Is there|Does the image contain|Can you see) an? (.+?)"
-                           r"(?: in the image| in the picture)?\?", q):
-        members = [o for o in objs if m.group(1) in (o.noun, f"{o.colour} {o.noun}")]
+                           r"(?: in the image| in the picture)?\?|"
+                           r"(?:Is|Do you see|Does the picture have) an? (.+?)(?: present| shown)?\?", q):
+        thing = next(g for g in m.groups() if g)
+        members = [o for o in objs if thing in (o.noun, f"{o.colour} {o.noun}")]
         found, expected = "exist", "Yes" if members else "No"
     elif m := re.fullmatch(r"(?:Is the (.+) on the left, (?:in the )?center or (?:on the )?right|"
                            r"Which side of the image is the (.+) on: left, center or right|"
-                           r"Where is the (.+) horizontally: left, center or right)\?", q):
-        found, expected = "position", the_one(next(g for g in m.groups() if g), objs).col
-    elif m := re.fullmatch(r"(?:Is the (.+) at the top, (?:in the )?middle or (?:at the )?bottom(?: of the image)?|"
-                           r"Where is the (.+) vertically: top, middle or bottom)\?", q):
-        found, expected = "position", the_one(next(g for g in m.groups() if g), objs).row
-    # the training paraphrases (data_gen.paraphrases.CORPUS_TEMPLATES), after every template form above
-    elif m := re.fullmatch(r"Which colour does the (.+) have\?|The (.+) is what color\?|Name the color of the (.+)\.|"
-                           r"What color does the (.+) have\?", q):
-        found, expected = "color", the_one(next(g for g in m.groups() if g), objs).colour
-    elif m := re.fullmatch(r"What is the (.+)\?|Name the shape of the (.+)\.|The (.+) is which shape\?|"
-                           r"What shape does the (.+) have\?", q):
-        found, expected = "shape", the_one(next(g for g in m.groups() if g), objs).noun
-    elif m := re.fullmatch(r"Count the (.+)\.|How many (.+) does the image show\?|Number of (.+)\?|"
-                           r"How many (.+) are visible\?", q):
-        found, expected = "count", str(len(kind_members(next(g for g in m.groups() if g), objs)))
-    elif m := re.fullmatch(r"(?:Is|Do you see|Does the picture have) an? (.+?)(?: present| shown)?\?", q):
-        members = [o for o in objs if m.group(1) in (o.noun, f"{o.colour} {o.noun}")]
-        found, expected = "exist", "Yes" if members else "No"
-    elif m := re.fullmatch(r"Left, center or right: where is the (.+)\?|Is the (.+) left, center or right\?|"
+                           r"Where is the (.+) horizontally: left, center or right)\?|"
+                           r"Left, center or right: where is the (.+)\?|Is the (.+) left, center or right\?|"
                            r"On which side is the (.+): left, center or right\?", q):
         found, expected = "position", the_one(next(g for g in m.groups() if g), objs).col
-    elif m := re.fullmatch(r"Top, middle or bottom: where is the (.+)\?|Is the (.+) top, middle or bottom\?|"
+    elif m := re.fullmatch(r"(?:Is the (.+) at the top, (?:in the )?middle or (?:at the )?bottom(?: of the image)?|"
+                           r"Where is the (.+) vertically: top, middle or bottom)\?|"
+                           r"Top, middle or bottom: where is the (.+)\?|Is the (.+) top, middle or bottom\?|"
                            r"How high is the (.+): top, middle or bottom\?", q):
         found, expected = "position", the_one(next(g for g in m.groups() if g), objs).row
     else:

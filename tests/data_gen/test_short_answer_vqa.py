@@ -110,13 +110,14 @@ def test_paraphrased_training_turns_are_true_and_in_other_words(scenes, tmp_path
     """With a paraphrase share, that share of the questions is worded otherwise (not in the plain run's wordings),
     every answer still checks against the boxes, and the cache keeps the two kinds of data apart."""
     from data_gen.driver import CacheError, generate
+    from data_gen.paraphrases import training_rewording
 
     records, _ = read_captions(scenes)
     plain_wordings, worded, total = set(), 0, 0
     for record in records:
         plain_wordings.update(t["question"] for t in short_answer_turns(record, Vocabulary(), seed=0, turns=(8, 8)))
     for record in records:
-        turns = short_answer_turns(record, Vocabulary(), seed=0, turns=(8, 8), paraphrase_fraction=0.5)
+        turns = short_answer_turns(record, Vocabulary(), seed=0, turns=(8, 8), reword=training_rewording(0.5))
         for turn in turns:
             check_short_answer(turn["question"], turn["answer"], record)
             assert turn["question"].endswith(SHORT_ANSWER_SUFFIX)
@@ -124,7 +125,8 @@ def test_paraphrased_training_turns_are_true_and_in_other_words(scenes, tmp_path
             total += 1
     assert 0.3 < worded / total < 0.6
     with pytest.raises(ValueError, match="between 0 and 1"):
-        short_answer_turns(records[0], Vocabulary(), paraphrase_fraction=1.5)
+        training_rewording(1.5)
+    assert training_rewording(0) is None
 
     out = tmp_path / "sa.json"
     generate(scenes, out, types=["short_answer"], progress=False, limit=10, answer_paraphrases=0.5)
