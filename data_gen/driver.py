@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from data_gen.offline import OfflineBackend
 from data_gen.openai_backend import ItemFailed, OpenAIBackend, OpenAIConfig
+from data_gen.paraphrases import training_rewording
 from data_gen.prompting import GPT_TYPES, RESPONSE_TYPES
 from data_gen.records import CaptionRecord, read_captions
-from data_gen.paraphrases import training_rewording
 from data_gen.vqa import check_turns, short_answer_turns
 from data_gen.world import Vocabulary
 from llava.io import atomic_write_json, atomic_write_text
