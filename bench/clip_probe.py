@@ -39,7 +39,7 @@ def box_features(tower, folder: Path, pool: str = "mean") -> tuple[torch.Tensor,
     from data_gen import world
     from data_gen.records import read_captions
     from llava.data.images import open_rgb
-    from stages.base import box_places, box_weights
+    from stages.base import box_weights
 
     processor = tower.image_processor()
     grid = tower.visual.grid_size[0]
@@ -57,9 +57,8 @@ def box_features(tower, folder: Path, pool: str = "mean") -> tuple[torch.Tensor,
                     features.append(image_tokens[row * grid + col])
                 else:
                     features.append(box_weights(box.bbox, grid) @ image_tokens)
-                column, row = box_places(box.bbox)
-                words.append(box.label.split() + [world.COLUMNS[column] if column >= 0 else "-",
-                                                  world.ROWS[row] if row >= 0 else "-"])
+                place = world.read_object(box)
+                words.append(box.label.split() + [place.column or "-", place.row or "-"])
     if not features:
         raise SystemExit(f"{folder / 'captions.jsonl'} has no boxes to probe")
     return torch.stack(features), words

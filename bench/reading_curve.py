@@ -29,8 +29,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_gen.corpus import (probe_questions, reading_question, scene_as_text, scene_record,  # noqa: E402
-                             short_answer_questions)
+from data_gen.corpus import probe_questions, reading_question, scene_as_text, scene_record  # noqa: E402
+from data_gen.paraphrases import training_rewording  # noqa: E402
+from data_gen.vqa import draw_short_answers  # noqa: E402
+from data_gen.world import Vocabulary  # noqa: E402
 from llava.model.llama import Llama, LlamaConfig  # noqa: E402
 from llava.tokenizer import Tokenizer  # noqa: E402
 
@@ -64,10 +66,12 @@ def main(argv=None) -> None:
     def question_line(question: str) -> list[int]:
         return tok.encode("\n" + reading_question(question))
 
+    reword, vocabulary = training_rewording(a.paraphrase_fraction), Vocabulary()
+
     def document(index: int) -> tuple[list[int], list[int]]:
         record = scene_record(0, index, 64)
         rng = random.Random(f"exp:{index}")
-        turns = short_answer_questions(record, rng, a.questions, a.paraphrase_fraction)
+        turns = draw_short_answers(record, vocabulary, rng, a.questions, reword)
         ids = [tok.bos_id] + tok.encode(scene_as_text(record, rng))
         labels = [-100] * len(ids) if a.answers_only else list(ids)
         for turn in turns:

@@ -24,11 +24,11 @@ from typing import NamedTuple
 
 from data_gen import world
 from data_gen.offline import OfflineBackend
-from data_gen.paraphrases import CORPUS_TEMPLATES, rephrase
+from data_gen.paraphrases import check_paraphrase_fraction, training_rewording
 from data_gen.prompting import stable_rng
 from data_gen.records import Box, CaptionRecord
 from data_gen.scenes import sample_scene, scene_captions
-from data_gen.vqa import CATEGORIES, SHORT_ANSWER_SUFFIX, ask
+from data_gen.vqa import CATEGORIES, SHORT_ANSWER_SUFFIX, ask, draw_short_answers
 from data_gen.world import Vocabulary
 
 SCENE_PREFIX = "Objects: "
@@ -54,6 +54,10 @@ class CorpusSpec:
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"corpus.style: {self.style!r} is not one of {', '.join(STYLES)}")
+        try:
+            check_paraphrase_fraction(self.paraphrase_fraction)
+        except ValueError as error:
+            raise ValueError(f"corpus.paraphrase_fraction: {error}") from None
         if not 0.0 <= self.chat_fraction <= 1.0:
             raise ValueError(f"corpus.chat_fraction: {self.chat_fraction} is not between 0 and 1")
         for name, weight in self.category_weights.items():
@@ -87,29 +91,6 @@ def scene_as_text(record: CaptionRecord, rng: random.Random) -> str:
     return SCENE_PREFIX + "; ".join(f"{o.label} {o.location}" for o in objects) + "."
 
 
-def short_answer_questions(record: CaptionRecord, rng: random.Random, wanted: int,
-                           paraphrase_fraction: float, category_weights: dict | None = None) -> list[dict]:
-    """Up to `wanted` distinct-fact short-answer turns (exist answers alternate), some in corpus phrasings;
-    categories drawn alike or by `category_weights` (CorpusSpec)."""
-    vocabulary = Vocabulary()
-    weights = [category_weights.get(c, 1.0) for c in CATEGORIES] if category_weights else None
-    turns, facts, want_yes = [], set(), rng.random() < 0.5
-    for _ in range(6 * wanted):
-        if len(turns) == wanted:
-            break
-        category = rng.choices(CATEGORIES, weights)[0] if weights else rng.choice(CATEGORIES)
-        question = ask(category, record, vocabulary, rng, want_yes)
-        if category == "exist":
-            want_yes = not want_yes
-        if question is None or question.fact in facts:
-            continue
-        facts.add(question.fact)
-        if rng.random() < paraphrase_fraction:
-            question = rephrase(question, CORPUS_TEMPLATES, rng)
-        turns.append({"question": question.text, "answer": question.answer})
-    return turns
-
-
 def _conversation(scene: str, turns: list[dict]) -> list[dict]:
     out = []
     for k, turn in enumerate(turns):
@@ -139,15 +120,15 @@ def _reading(scene: str, turns: list[dict]) -> list[tuple[str, bool]]:
 
 def documents(spec: CorpusSpec) -> Corpus:
     """The corpus of `spec` (see Corpus). Depends only on `spec`: the same spec gives the same corpus."""
-    backend = OfflineBackend(Vocabulary(), seed=spec.seed)
     low, high = spec.short_answers
+    reword, vocabulary = training_rewording(spec.paraphrase_fraction), Vocabulary()
+    backend = OfflineBackend(vocabulary, seed=spec.seed)
     corpus = Corpus([], [], [])
     conversations, texts = corpus.conversations, corpus.texts
     for index in range(spec.scenes):
         record = scene_record(spec.seed, index, spec.canvas)
         rng = stable_rng(spec.seed, record.id, "corpus")
-        turns = short_answer_questions(record, rng, rng.randint(low, high), spec.paraphrase_fraction,
-                                       spec.category_weights)
+        turns = draw_short_answers(record, vocabulary, rng, rng.randint(low, high), reword, spec.category_weights)
         if turns and spec.style == "qa" and not (spec.chat_fraction and rng.random() < spec.chat_fraction):
             corpus.readings.append(_reading(scene_as_text(record, rng), turns))
         elif turns:

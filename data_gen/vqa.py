@@ -172,14 +172,23 @@ def short_answer_turns(record: CaptionRecord, vocabulary: Vocabulary, seed: int 
     when given, may ask each question in other words (data_gen.paraphrases.training_rewording)."""
     low, high = check_turns(turns)
     rng = stable_rng(seed, record.id, "short_answer")
-    wanted = rng.randint(low, high)
+    return draw_short_answers(record, vocabulary, rng, rng.randint(low, high), reword)
+
+
+def draw_short_answers(record: CaptionRecord, vocabulary: Vocabulary, rng: random.Random, wanted: int,
+                       reword: Callable[[ShortQuestion, random.Random], ShortQuestion] | None = None,
+                       category_weights: dict | None = None) -> list[dict]:
+    """Up to `wanted` short-answer {question, answer} turns about `record`, no fact asked twice, drawn from `rng`:
+    categories alike or by `category_weights` ({category: weight}, unnamed ones 1), `exist` answers alternating
+    Yes/No from a random start, each question maybe reworded by `reword` (short_answer_turns)."""
+    weights = [category_weights.get(c, 1.0) for c in CATEGORIES] if category_weights else None
     want_yes = rng.random() < 0.5
     asked: list[dict] = []
     facts: set[tuple[str, str]] = set()
     for _ in range(6 * wanted):
         if len(asked) == wanted:
             break
-        category = rng.choice(CATEGORIES)
+        category = rng.choices(CATEGORIES, weights)[0] if weights else rng.choice(CATEGORIES)
         question = ask(category, record, vocabulary, rng, want_yes)
         if category == "exist":
             want_yes = not want_yes
