@@ -127,6 +127,9 @@ def test_chat_fraction_writes_that_share_of_the_scenes_as_chats_and_leaves_the_r
     assert documents(CorpusSpec(scenes=400, seed=3, style="qa", chat_fraction=0.0)) == plain
     with pytest.raises(ValueError, match="chat_fraction"):
         CorpusSpec(style="qa", chat_fraction=1.5)
+    for bad in (1.5, -0.1, True, "0.3"):
+        with pytest.raises(ValueError, match="corpus.paraphrase_fraction"):
+            CorpusSpec(paraphrase_fraction=bad)
 
 
 def test_category_weights_change_how_often_each_kind_of_question_is_asked():
