@@ -539,9 +539,44 @@ def plan_eval(run: Run, cfg: EvalSection) -> Plan:
         if heldout:
             descriptions = [(questions[str(row["question_id"])].image, row["text"]) for row in open_answers]
             outputs["robustness"] = robustness_checks(run, cfg, loaded, heldout, descriptions, out)
+            if scores is not None:
+                said = {str(r["question_id"]): r["text"] for r in rows}
+                outputs["by_objects"] = scores_by_objects(questions.values(), said, heldout)
+                run.log("[eval] by objects in the image: " + "; ".join(
+                    f"{name} {100 * row['accuracy']:.1f} % of {row['questions']} (chance {100 * row['chance']:.1f} %)"
+                    for name, row in outputs["by_objects"].items()))
+                atomic_write_json(out / "by_objects.json", outputs["by_objects"])
         return outputs
 
     return Plan(settings, execute, inputs=outside)
+
+
+def scores_by_objects(questions, predictions: dict[str, str], captions: str) -> dict:
+    """Exact match on the questions about images of one object and on those about images of two or more (objects
+    counted from `captions`, the images' boxes). A one-object image can be answered from what is in it at all; a
+    question about one object of several needs the answer bound to that object (its colour, not the other's).
+    {"one object" | "two or more": {"questions", "accuracy", "chance", "by_category"}}; an image that `captions`
+    does not list raises, naming it."""
+    from data_gen.records import read_captions
+    from llava.evaluation import score_answers
+
+    records, _ = read_captions(captions)
+    objects = {r.image: len(r.boxes) for r in records}
+    groups: dict[str, list] = {"one object": [], "two or more": []}
+    for question in questions:
+        if question.answer is None:
+            continue
+        if question.image not in objects:
+            raise ConfigError(f"question {question.question_id!r}: image {question.image!r} is not in {captions}")
+        groups["one object" if objects[question.image] == 1 else "two or more"].append(question)
+    out = {}
+    for name, group in groups.items():
+        if group:
+            scores = score_answers(group, predictions)
+            out[name] = {"questions": len(group), "accuracy": scores["overall"]["accuracy"],
+                         "chance": scores["overall"]["chance"],
+                         "by_category": {k: v["accuracy"] for k, v in scores["categories"].items()}}
+    return out
 
 
 def robustness_checks(run: Run, cfg: EvalSection, loaded, heldout_captions: str,

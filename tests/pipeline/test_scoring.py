@@ -105,3 +105,31 @@ def test_cli_scores_an_existing_answer_file(tmp_path, capsys):
     assert "colour" in out and "50.0%" in out
     saved = json.loads((tmp_path / "a.scores.json").read_text())
     assert saved["exact_match"]["overall"]["correct"] == 1
+
+
+def test_scores_by_objects_split_one_object_images_from_crowded_ones(tmp_path):
+    from pipeline.runner import scores_by_objects
+    from stages.config import ConfigError
+
+    def record(image, labels):  # captions.jsonl written by hand: one box per label
+        boxes = [{"label": label, "bbox": [0.1 * k, 0.1, 0.1 * k + 0.05, 0.2]} for k, label in enumerate(labels)]
+        return {"id": image, "image": image, "captions": ["x"], "boxes": boxes}
+
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("\n".join(json.dumps(r) for r in (
+        record("a.png", ["small red circle"]),
+        record("b.png", ["small red circle", "large blue square"]),
+        record("c.png", ["small red circle", "large blue square", "small green triangle"]))) + "\n")
+    questions = [Question("1", "colour of the circle?", "a.png", "color", "red"),
+                 Question("2", "colour of the circle?", "b.png", "color", "red"),
+                 Question("3", "colour of the square?", "b.png", "color", "blue"),
+                 Question("4", "shape of the green object?", "c.png", "shape", "triangle"),
+                 Question("5", "Describe the image.", "c.png")]  # open: no reference, not scored
+    said = {"1": "Red", "2": "blue", "3": "blue", "4": "triangle", "5": "A red circle."}
+    split = scores_by_objects(questions, said, str(captions))
+    assert list(split) == ["one object", "two or more"]
+    assert split["one object"]["questions"] == 1 and split["one object"]["accuracy"] == 1.0
+    assert split["two or more"]["questions"] == 3 and split["two or more"]["accuracy"] == pytest.approx(2 / 3)
+    assert split["two or more"]["by_category"] == {"color": 0.5, "shape": 1.0}
+    with pytest.raises(ConfigError, match="'d.png'"):
+        scores_by_objects([Question("6", "q", "d.png", "color", "red")], {"6": "red"}, str(captions))
