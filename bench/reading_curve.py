@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answers-only", action="store_true")
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init-std", type=float, default=0.02, help="normal(0, std) init of linears and embeddings")
     return p.parse_args(argv)
 
 
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
     config = LlamaConfig.from_name("tiny", dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads,
                                    ffn_hidden=a.ffn, vocab_size=tok.vocab_size, max_seq_len=512, bos_id=tok.bos_id,
                                    eos_id=tok.eos_id)
-    llm = Llama(config).init_weights(seed=0)
+    llm = Llama(config).init_weights(std=a.init_std, seed=0)
     print(f"{sum(p.numel() for p in llm.parameters()) / 1e6:.2f} M parameters", flush=True)
     probe = probe_questions(200, 1)
 

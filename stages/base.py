@@ -130,7 +130,14 @@ class LMSpec:
     whole_documents: bool = False  # pack without cutting a document across blocks (PackedText)
     one_per_block: bool = False  # one document per block, padded: no other document in its context (PackedText)
     answers_only: bool = False  # conversations train on their answers alone (as stage 2); plain texts on every token
+    # normal(0, init_std) for every linear and embedding (transformers' initializer_range, 0.02, is tuned for widths
+    # of 768 and more); at dim 160, 0.08 (about 1/sqrt(dim)) read text faster in bench/reading_curve (docs/demo.md)
+    init_std: float = 0.02
     train: TrainConfig | None = None
+
+    def __post_init__(self):
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
+            raise ConfigError(f"base.lm.init_std must be a number > 0, got {self.init_std!r}")
 
 
 @dataclass
@@ -554,7 +561,7 @@ def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) 
              if getattr(spec, k) is not None}
     config = LlamaConfig.from_name(spec.preset, **shape, vocab_size=tokenizer.vocab_size,
                                    max_seq_len=spec.max_seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    llm = Llama(config).init_weights(seed=cfg.seed)
+    llm = Llama(config).init_weights(std=spec.init_std, seed=cfg.seed)
     questions = probe_questions(cfg.probe.questions, cfg.probe.seed) if cfg.probe.questions else []
     curve: list[dict] = []
 

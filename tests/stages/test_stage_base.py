@@ -305,3 +305,32 @@ def test_a_batch_without_boxes_adds_nothing_but_still_runs_the_phrase_tower_and_
                             torch.full((2, 1, 2), -1))["loss"]
     assert head_calls == [1]  # the place head runs too, adding nothing
     torch.testing.assert_close(with_places, loss)
+
+
+def test_lm_init_std_reaches_the_llama_init_and_is_checked(monkeypatch):
+    import pytest
+
+    from llava.model.llama import Llama
+    from stages import base
+    from stages.config import ConfigError
+
+    for bad in (0, -0.02, True, "0.08"):
+        with pytest.raises(ConfigError, match="base.lm.init_std must be a number > 0"):
+            base.LMSpec(init_std=bad)
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def init_weights(self, std=0.02, seed=None):  # record what train_lm asks for, then stop before training
+        seen.append((std, seed))
+        raise Stop
+
+    monkeypatch.setattr(Llama, "init_weights", init_weights)
+    lm = base.LMSpec(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=64, init_std=0.08)
+    cfg = base.BaseConfig(output_dir="unused", captions="unused", seed=3, lm=lm)
+    tokenizer = type("Tok", (), {"vocab_size": 50, "bos_id": 1, "eos_id": 2})()
+    with pytest.raises(Stop):
+        base.train_lm(cfg, [], tokenizer, None)
+    assert seen == [(0.08, 3)]
