@@ -539,7 +539,7 @@ def plan_eval(run: Run, cfg: EvalSection) -> Plan:
         if heldout:
             descriptions = [(questions[str(row["question_id"])].image, row["text"]) for row in open_answers]
             outputs["robustness"] = robustness_checks(run, cfg, loaded, heldout, descriptions, out)
-            if scores is not None:
+            if scores is not None and cfg.question_file is None:  # the run's own questions: its held-out scenes
                 said = {str(r["question_id"]): r["text"] for r in rows}
                 outputs["by_objects"] = scores_by_objects(questions.values(), said, heldout)
                 run.log("[eval] by objects in the image: " + "; ".join(
