@@ -142,6 +142,8 @@ def image_binding(run: Path, count: int) -> None:
         boxes[record["image"]] = [(b["label"].split(), b["bbox"]) for b in record["boxes"]]
     answers = {}
     answer_file = run / "eval" / "answers.jsonl"
+    if not answer_file.is_file():
+        raise SystemExit(f"{answer_file} is missing: run the eval stage of {run} first")
     for line in answer_file.read_text().splitlines():
         row = json.loads(line)
         answers[str(row["question_id"])] = row["text"].strip().lower().rstrip(".")
