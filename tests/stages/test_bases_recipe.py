@@ -242,3 +242,31 @@ def test_the_reading_curve_bench_trains_and_probes(capsys):
     out = capsys.readouterr().out
     assert "probe at step 2: " in out
     assert all(f"'{c}': " in out for c in ("color", "count", "exist", "position", "shape"))
+
+
+def test_the_binding_bench_recomputes_each_layers_own_attention():
+    """bench/binding.py's recorder: its weights, applied to the layer's own values and output projection, give the
+    layer's output (computed by the model's fused kernel), for grouped-query heads; rows are causal and sum to 1."""
+    import importlib.util
+
+    from llava.model.llama import Attention, Llama, LlamaConfig
+
+    path = Path(__file__).parents[2] / "bench" / "binding.py"
+    spec = importlib.util.spec_from_file_location("binding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = LlamaConfig.from_name("tiny", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=50,
+                                   max_seq_len=64)
+    llm = Llama(config).init_weights(std=0.3, seed=0).eval()  # large weights: attention far from uniform
+    recorder = module.AttentionRecorder(llm)
+    seen = []
+    for attention in (m for m in llm.modules() if isinstance(m, Attention)):
+        attention.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out)))
+    weights = recorder.run(lambda: llm(torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(1))))
+    assert len(weights) == len(seen) == 2
+    for w, (attention, x, out) in zip(weights, seen):
+        assert w.shape == (4, 12, 12) and torch.allclose(w.sum(-1), torch.ones(4, 12))
+        assert float(w.triu(1).abs().max()) == 0.0 and float(w.max()) > 0.5
+        v = attention.v_proj(x)[0].view(12, 2, 8).transpose(0, 1).repeat_interleave(2, dim=0)  # [heads, T, head_dim]
+        mixed = (w @ v).transpose(0, 1).reshape(12, 32)
+        torch.testing.assert_close(attention.o_proj(mixed), out[0], rtol=1e-4, atol=1e-5)
