@@ -21,7 +21,6 @@ on every attention module), so the model runs unchanged.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -31,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-COLOURS = frozenset({"red", "green", "blue", "yellow", "purple", "orange"})  # the scene world's, written out here
-SHAPES = frozenset({"circle", "square", "triangle"})
+from data_gen.world import SCENE_COLOURS, SCENE_SHAPES  # noqa: E402
+
+COLOURS, SHAPES = frozenset(SCENE_COLOURS), frozenset(SCENE_SHAPES)
 
 
 class AttentionRecorder:
@@ -129,50 +129,51 @@ def text_binding(llama_dir: Path, count: int) -> None:
 
 
 def image_binding(run: Path, count: int) -> None:
+    from data_gen import world
+    from data_gen.records import read_captions
     from llava.constants import IMAGE_TOKEN_INDEX
     from llava.conversation import tokenize_conversation
-    from llava.evaluation import read_questions
+    from llava.evaluation import exact_match, read_answers, read_questions
     from llava.loading import load_model
+    from stages.base import box_weights
 
     loaded = load_model(run / "instruct" / "final")
     model = loaded.model.eval()
-    boxes = {}
-    for line in (run / "scenes" / "heldout" / "captions.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        boxes[record["image"]] = [(b["label"].split(), b["bbox"]) for b in record["boxes"]]
-    answers = {}
+    records, _ = read_captions(run / "scenes" / "heldout" / "captions.jsonl")
+    boxes = {r.image: r.boxes for r in records}
     answer_file = run / "eval" / "answers.jsonl"
     if not answer_file.is_file():
         raise SystemExit(f"{answer_file} is missing: run the eval stage of {run} first")
-    for line in answer_file.read_text().splitlines():
-        row = json.loads(line)
-        answers[str(row["question_id"])] = row["text"].strip().lower().rstrip(".")
+    answers = read_answers(answer_file)
     questions = [q for q in read_questions(run / "data" / "questions.jsonl") if q.category == "color"]
+
+    def colours(image: str) -> set[str]:
+        return {world.read_object(box).colour for box in boxes[image]}
+
     right: dict[int, list[bool]] = defaultdict(list)
     for q in questions:
-        right[len({words[1] for words, _ in boxes[q.image]})].append(answers.get(str(q.question_id)) == q.answer)
+        answer = answers.get(str(q.question_id))
+        right[len(colours(q.image))].append(answer is not None and exact_match(answer["text"], q.answer))
     print(f"images ({run}, answers from {answer_file}): colour questions by distinct colours in the image: "
           f"{accuracy_table(right)}")
 
     grid = math.isqrt(model.vision.num_patches)  # a square grid of patches, row by row
+
+    def patches(box) -> list[int]:  # the patches a box touches, as the region term trains them
+        return box_weights(box.bbox, grid).nonzero().flatten().tolist()
+
     recorder = AttentionRecorder(model.llm)
     scores: dict[str, dict] = {"sel": defaultdict(list)}
-
-    def patches(bbox) -> list[int]:
-        x0, y0, x1, y1 = bbox
-        return [r * grid + c for r in range(grid) for c in range(grid)
-                if x0 <= (c + 0.5) / grid <= x1 and y0 <= (r + 0.5) / grid <= y1]
-
     used = 0
     for q in questions:
-        objects = boxes[q.image]
-        if len({words[1] for words, _ in objects}) < 2 or used >= count:
+        if len(colours(q.image)) < 2 or used >= count:
             continue
         ids = tokenize_conversation([{"from": "human", "value": f"<image>\n{q.text}"}], loaded.tokenizer,
                                     loaded.template, add_generation_prompt=True)[0]
         start = ids.index(IMAGE_TOKEN_INDEX)
-        target = [start + p for words, bbox in objects if words[1] == q.answer for p in patches(bbox)]
-        other = [start + p for words, bbox in objects if words[1] != q.answer for p in patches(bbox)]
+        asked = [world.read_object(box).colour == q.answer for box in boxes[q.image]]
+        target = [start + p for box, hit in zip(boxes[q.image], asked) if hit for p in patches(box)]
+        other = [start + p for box, hit in zip(boxes[q.image], asked) if not hit for p in patches(box)]
         if not target or not other:
             continue
         image = loaded.open_image(run / "scenes" / "heldout" / "images" / q.image)
