@@ -15,6 +15,12 @@ place of the image, then either
 - a conversation, a detailed description or a reasoning answer of the offline generator (data_gen.offline);
 - a caption (data_gen.scenes' phrasings), after the scene as plain text, as stage 1 reads an image then its caption.
 The scenes are drawn from their own seed stream ("corpus"), so they are not the demo's training or held-out scenes.
+
+With `CorpusSpec.object_words` the scene line writes each object as one word, "large_red_triangle" (one tokenizer
+piece: stages.base makes every OBJECT_WORDS entry a symbol of its own), as an image patch carries its object's size,
+colour and shape together. Written as three words, a colour is bound to its shape only by being next to it, and a
+tiny LLaMA reads that as a bag of words (colour questions about scenes of two or more colours stay near chance;
+docs/demo.md); as one word, finding an object by its shape is a lookup the LLaMA learns within a few hundred steps.
 """
 from __future__ import annotations
 
@@ -32,6 +38,9 @@ from data_gen.vqa import CATEGORIES, SHORT_ANSWER_SUFFIX, ask, draw_short_answer
 from data_gen.world import Vocabulary
 
 SCENE_PREFIX = "Objects: "
+# every object of the scene world as one word (CorpusSpec.object_words), in size, colour, shape order
+OBJECT_WORDS = tuple(f"{size}_{colour}_{shape}" for size in world.SCENE_SIZES for colour in world.SCENE_COLOURS
+                     for shape in world.SCENE_SHAPES)
 LONG_TYPES = ("conversation", "detail", "reasoning")
 STYLES = ("qa", "chat")
 
@@ -50,6 +59,7 @@ class CorpusSpec:
     # relative weight of each data_gen.vqa category when a question is drawn ({"color": 3.0}: colour questions three
     # times as often as each other category); unnamed categories weigh 1. Empty: all alike.
     category_weights: dict = field(default_factory=dict)
+    object_words: bool = False  # the scene line names each object in one word ("large_red_triangle"; see above)
 
     def __post_init__(self):
         if self.style not in STYLES:
@@ -65,6 +75,8 @@ class CorpusSpec:
                 raise ValueError(f"corpus.category_weights: {name!r} is not one of {', '.join(CATEGORIES)}")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
                 raise ValueError(f"corpus.category_weights.{name}: {weight!r} is not a number >= 0")
+        if not isinstance(self.object_words, bool):
+            raise ValueError(f"corpus.object_words: expected true or false, got {self.object_words!r}")
         if self.category_weights and not any(self.category_weights.get(c, 1.0) for c in CATEGORIES):
             raise ValueError("corpus.category_weights: every category weighs 0")
 
@@ -83,12 +95,14 @@ def scene_record(seed: int, index: int, canvas: int) -> CaptionRecord:
     return CaptionRecord(f"corpus_{index:07d}", "", tuple(scene_captions(scene, canvas, rng)), boxes)
 
 
-def scene_as_text(record: CaptionRecord, rng: random.Random) -> str:
+def scene_as_text(record: CaptionRecord, rng: random.Random, object_words: bool = False) -> str:
     """"Objects: large red triangle in the bottom left corner; small blue circle at the top center." in a random
-    order, so that the reader must find an object by what it is, not by where it is listed."""
+    order, so that the reader must find an object by what it is, not by where it is listed. With `object_words`:
+    "Objects: large_red_triangle in the bottom left corner; ..." (OBJECT_WORDS)."""
     objects = world.read_objects(record.boxes)
     rng.shuffle(objects)
-    return SCENE_PREFIX + "; ".join(f"{o.label} {o.location}" for o in objects) + "."
+    names = [o.label.replace(" ", "_") if object_words else o.label for o in objects]
+    return SCENE_PREFIX + "; ".join(f"{name} {o.location}" for name, o in zip(names, objects)) + "."
 
 
 def _conversation(scene: str, turns: list[dict]) -> list[dict]:
@@ -125,26 +139,30 @@ def documents(spec: CorpusSpec) -> Corpus:
     backend = OfflineBackend(vocabulary, seed=spec.seed)
     corpus = Corpus([], [], [])
     conversations, texts = corpus.conversations, corpus.texts
+    def scene_text(record: CaptionRecord, rng: random.Random) -> str:
+        return scene_as_text(record, rng, spec.object_words)
+
     for index in range(spec.scenes):
         record = scene_record(spec.seed, index, spec.canvas)
         rng = stable_rng(spec.seed, record.id, "corpus")
         turns = draw_short_answers(record, vocabulary, rng, rng.randint(low, high), reword, spec.category_weights)
         if turns and spec.style == "qa" and not (spec.chat_fraction and rng.random() < spec.chat_fraction):
-            corpus.readings.append(_reading(scene_as_text(record, rng), turns))
+            corpus.readings.append(_reading(scene_text(record, rng), turns))
         elif turns:
-            conversations.append(_conversation(scene_as_text(record, rng), turns))
+            conversations.append(_conversation(scene_text(record, rng), turns))
         if rng.random() < spec.long_fraction:
             turns = backend.generate(record, rng.choice(LONG_TYPES))
             if turns:
-                conversations.append(_conversation(scene_as_text(record, rng), turns))
+                conversations.append(_conversation(scene_text(record, rng), turns))
         if rng.random() < spec.caption_fraction:
-            texts.append(f"{scene_as_text(record, rng)}\n{rng.choice(record.captions)}")
+            texts.append(f"{scene_text(record, rng)}\n{rng.choice(record.captions)}")
     return corpus
 
 
-def probe_questions(count: int, seed: int, canvas: int = 64) -> list[dict]:
+def probe_questions(count: int, seed: int, canvas: int = 64, object_words: bool = False) -> list[dict]:
     """`count` held-out short-answer questions (scenes from another stream than any corpus seed's), categories
-    round-robin: {"category", "scene", "question" (with LLaVA's short-answer suffix), "answer"}."""
+    round-robin: {"category", "scene", "question" (with LLaVA's short-answer suffix), "answer"}; the scene written
+    as the corpus writes it (`object_words` as in CorpusSpec)."""
     out = []
     vocabulary = Vocabulary()
     index, want_yes = 0, True
@@ -159,6 +177,6 @@ def probe_questions(count: int, seed: int, canvas: int = 64) -> list[dict]:
             continue
         if category == "exist":
             want_yes = not want_yes
-        out.append({"category": category, "scene": scene_as_text(record, rng), "question": question.text,
-                    "answer": question.answer})
+        out.append({"category": category, "scene": scene_as_text(record, rng, object_words),
+                    "question": question.text, "answer": question.answer})
     return out

@@ -236,6 +236,13 @@ def tokenizer_corpus(captions: list[dict], conversations: list[list[dict]], temp
     return out
 
 
+def object_words(cfg: BaseConfig) -> tuple[str, ...]:
+    """The tokenizer's symbols of their own: the corpus's one-word objects when it writes them (CorpusSpec)."""
+    from data_gen.corpus import OBJECT_WORDS
+
+    return OBJECT_WORDS if cfg.corpus is not None and cfg.corpus.object_words else ()
+
+
 # ---- CLIP ----------------------------------------------------------------------------------------------------------
 
 def clip_model_config(spec: ClipSpec, vocab_size: int, eos_id: int, pad_id: int) -> dict:
@@ -562,7 +569,8 @@ def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) 
     config = LlamaConfig.from_name(spec.preset, **shape, vocab_size=tokenizer.vocab_size,
                                    max_seq_len=spec.max_seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     llm = Llama(config).init_weights(std=spec.init_std, seed=cfg.seed)
-    questions = probe_questions(cfg.probe.questions, cfg.probe.seed) if cfg.probe.questions else []
+    questions = probe_questions(cfg.probe.questions, cfg.probe.seed, object_words=bool(object_words(cfg))) \
+        if cfg.probe.questions else []
     curve: list[dict] = []
 
     def probe(objective: nn.Module, step: int) -> dict:
@@ -624,7 +632,7 @@ def run(cfg: BaseConfig) -> dict:
                                   texts + [text for segments in readings for text, _ in segments])
         if cfg.tokenizer.max_texts:
             corpus = corpus[::math.ceil(len(corpus) / cfg.tokenizer.max_texts)]
-        Tokenizer.train(corpus, tokenizer_file, vocab_size=cfg.tokenizer.vocab_size)
+        Tokenizer.train(corpus, tokenizer_file, vocab_size=cfg.tokenizer.vocab_size, user_symbols=object_words(cfg))
     common.barrier()
     tokenizer = Tokenizer(tokenizer_file)
     timings["tokenizer_s"] = time.perf_counter() - started

@@ -16,8 +16,8 @@ def shipped(scene_data, tmp_path_factory):
     out, dest = tmp_path_factory.mktemp("bases_run"), tmp_path_factory.mktemp("bases") / "tiny-bases"
     lm = {**MICRO_BASE["lm"], "whole_documents": True, "train": {**MICRO_BASE["lm"]["train"], "eval_every": 6}}
     cfg = bound(base, {**MICRO_BASE, "lm": lm, "output_dir": str(out), "captions": str(scene_data.captions),
-                       "corpus": {"scenes": 40, "seed": 3}, "probe": {"questions": 10, "seed": 5},
-                       "ship_to": str(dest)})
+                       "corpus": {"scenes": 40, "seed": 3, "object_words": True},
+                       "probe": {"questions": 10, "seed": 5}, "ship_to": str(dest)})
     return cfg, base.run(cfg), dest
 
 
@@ -47,6 +47,39 @@ def test_the_manifest_names_the_commit_the_run_started_from(scene_data, tmp_path
                        "corpus": {"scenes": 10, "seed": 3}, "ship_to": str(tmp_path / "dest")})
     base.run(cfg)
     assert json.loads((tmp_path / "dest" / "manifest.json").read_text())["commit"] == "commit-at-start"
+
+
+def test_object_words_name_each_object_in_one_word_the_shipped_tokenizer_keeps_whole(shipped):
+    """The scene line alone changes: "large red triangle" becomes "large_red_triangle" (the same draws otherwise),
+    and the tokenizer the recipe trains encodes every such word as one piece of its own."""
+    import re
+
+    from data_gen.corpus import CorpusSpec, documents, probe_questions
+    from llava.tokenizer import Tokenizer
+
+    words, joined = documents(CorpusSpec(scenes=60, seed=4, style="qa", object_words=True, caption_fraction=0.5)), \
+        documents(CorpusSpec(scenes=60, seed=4, style="qa", caption_fraction=0.5))
+
+    def one_word(text):  # the scene line only (up to its line end); captions and questions keep their words
+        line, rest = text.split("\n", 1) if "\n" in text else (text, None)
+        line = re.sub(r"\b(small|large) (red|green|blue|yellow|purple|orange) (circle|square|triangle)\b",
+                      r"\1_\2_\3", line)
+        return line if rest is None else f"{line}\n{rest}"
+
+    assert words.texts == [one_word(t) for t in joined.texts] and words.texts != joined.texts
+    assert words.readings == [[(one_word(s[0][0]), s[0][1])] + s[1:] for s in joined.readings]
+    assert all("_" not in text for segments in words.readings for text, _ in segments[1:])
+    probe = probe_questions(20, seed=2, object_words=True)
+    assert [one_word(q["scene"]) for q in probe_questions(20, seed=2)] == [q["scene"] for q in probe]
+    _, outputs, dest = shipped
+    tokenizer = Tokenizer(dest / "llama" / "tokenizer.model")
+    for size in ("small", "large"):
+        for colour in ("red", "green", "blue", "yellow", "purple", "orange"):
+            for shape in ("circle", "square", "triangle"):
+                pieces = [tokenizer.id_to_piece(i) for i in tokenizer.encode(f"{size}_{colour}_{shape}")]
+                assert pieces[-1] == f"{size}_{colour}_{shape}" and "".join(pieces) == f"\u2581{size}_{colour}_{shape}"
+    with pytest.raises(ValueError, match="corpus.object_words"):
+        CorpusSpec(object_words="yes")
 
 
 def test_a_changed_file_fails_the_manifest_check(shipped, tmp_path):
