@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_gen.corpus import OBJECT_WORDS  # noqa: E402
 from data_gen.world import SCENE_COLOURS, SCENE_SHAPES  # noqa: E402
 
 COLOURS, SHAPES = frozenset(SCENE_COLOURS), frozenset(SCENE_SHAPES)
@@ -88,6 +89,12 @@ def head_table(scores: dict[str, dict[tuple[int, int], list]]) -> str:
     return "\n".join(lines)
 
 
+def shape_of(piece: str) -> str | None:
+    """The shape a piece names: a shape word ("triangle") or a one-word object ("large_red_triangle")."""
+    words = piece.split("_")
+    return words[-1] if words[-1] in SHAPES and (len(words) == 1 or piece in OBJECT_WORDS) else None
+
+
 def text_binding(llama_dir: Path, count: int) -> None:
     from data_gen.corpus import probe_questions, reading_prompt
     from llava.generate import GenerationConfig, generate
@@ -97,7 +104,10 @@ def text_binding(llama_dir: Path, count: int) -> None:
 
     llm = Llama.from_hf(llama_dir).eval()
     tokenizer = Tokenizer(llama_dir / "tokenizer.model")
-    questions = [q for q in probe_questions(6 * count, seed=7) if q["category"] == "color"][:count]
+    # a LLaMA pretrained on one word per object (corpus.object_words) has those words as pieces: ask it that way
+    object_words = tokenizer.piece_to_id(OBJECT_WORDS[0]) != tokenizer.piece_to_id("<unk>")
+    questions = [q for q in probe_questions(6 * count, seed=7, object_words=object_words)
+                 if q["category"] == "color"][:count]
     prompts = [encode_segments(tokenizer, reading_prompt(q["scene"], q["question"]))[0] for q in questions]
     with torch.no_grad():
         said = [tokenizer.decode(ids).strip().split("\n")[0].strip().lower().rstrip(".")
@@ -105,26 +115,29 @@ def text_binding(llama_dir: Path, count: int) -> None:
                 for ids in generate(llm, prompts[start:start + 100], config=GenerationConfig(max_new_tokens=4))]
     right: dict[int, list[bool]] = defaultdict(list)
     for q, answer in zip(questions, said):
-        right[len(COLOURS & set(q["scene"].replace(";", " ").split()))].append(answer == q["answer"])
-    print(f"text ({llama_dir}): colour questions by distinct colours in the scene: {accuracy_table(right)}")
+        right[len(COLOURS & set(q["scene"].replace(";", " ").replace("_", " ").split()))].append(answer == q["answer"])
+    print(f"text ({llama_dir}{', one word per object' if object_words else ''}): colour questions by distinct "
+          f"colours in the scene: {accuracy_table(right)}")
 
     recorder = AttentionRecorder(llm)
     scores: dict[str, dict] = {"prev": defaultdict(list), "sel": defaultdict(list)}
     for q, ids in zip(questions, prompts):
         pieces = [tokenizer.decode([i]).strip() for i in ids]
         question_at = max(i for i, p in enumerate(pieces) if p.startswith("Q"))
-        nouns = [i for i in range(question_at) if pieces[i] in SHAPES]
+        nouns = [i for i in range(question_at) if shape_of(pieces[i])]
         asked = next((p for p in pieces[question_at:] if p in SHAPES), None)
-        if asked is None or len({pieces[i] for i in nouns}) < 2:
+        if asked is None or len({shape_of(pieces[i]) for i in nouns}) < 2:
             continue  # "the large object": no noun to look for; one shape: nothing to tell apart
         weights = recorder.run(lambda: llm(torch.tensor([ids])))
-        target, other = [i for i in nouns if pieces[i] == asked], [i for i in nouns if pieces[i] != asked]
+        target, other = [i for i in nouns if shape_of(pieces[i]) == asked], \
+            [i for i in nouns if shape_of(pieces[i]) != asked]
         for layer, w in enumerate(weights):
             for head in range(w.shape[0]):
                 scores["prev"][(layer, head)].append(float(w[head, nouns, [i - 1 for i in nouns]].mean()))
                 scores["sel"][(layer, head)].append((float(w[head, -1, target].mean()),
                                                      float(w[head, -1, other].mean())))
-    print("  per head (prev: noun -> the token before it; sel: answer -> asked noun / other nouns):")
+    print("  per head (prev: noun -> the token before it; sel: answer -> asked noun / other nouns; a noun is an "
+          "object's word when each object is one word, and then prev is not needed):")
     print(head_table(scores))
 
 

@@ -58,3 +58,25 @@ def test_the_clip_loads_through_open_clip_and_as_the_llava_tower(manifest):
     assert all(torch.equal(saved[f"visual.{k}"], v) for k, v in model.vision.visual.state_dict().items())
     config = json.loads((BASES / "clip" / "open_clip_config.json").read_text())["model_cfg"]
     assert model.num_image_tokens == (config["vision_cfg"]["image_size"] // config["vision_cfg"]["patch_size"]) ** 2
+
+
+def test_the_shipped_bases_are_the_ones_the_recipe_in_configs_builds(manifest):
+    """Every value configs/tiny-bases.yaml sets in its base section is the one the manifest's config records: a recipe
+    changed without a `make bases` run fails here."""
+    import yaml
+
+    recipe = yaml.safe_load((BASES.parents[1] / "configs" / "tiny-bases.yaml").read_text())["base"]
+
+    def leaves(section, path=()):
+        for key, value in section.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, (*path, key))
+            else:
+                yield (*path, key), value
+
+    for path, value in leaves(recipe):
+        built = manifest["config"]
+        for key in path:
+            assert key in built, f"configs/tiny-bases.yaml sets base.{'.'.join(path)}; the shipped bases lack it"
+            built = built[key]
+        assert built == value, f"base.{'.'.join(path)}: the recipe says {value!r}, the shipped bases {built!r}"

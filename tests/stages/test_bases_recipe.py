@@ -303,3 +303,7 @@ def test_the_binding_bench_recomputes_each_layers_own_attention():
         v = attention.v_proj(x)[0].view(12, 2, 8).transpose(0, 1).repeat_interleave(2, dim=0)  # [heads, T, head_dim]
         mixed = (w @ v).transpose(0, 1).reshape(12, 32)
         torch.testing.assert_close(attention.o_proj(mixed), out[0], rtol=1e-4, atol=1e-5)
+    # a noun of the scene text is a shape word or, with one word per object, the object's word
+    assert [module.shape_of(p) for p in ("triangle", "large_red_triangle", "small_blue_circle", "red", "_triangle",
+                                         "huge_red_triangle", "large_red")] == \
+        ["triangle", "triangle", "circle", None, None, None, None]
