@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from stages import lifeline
 from stages.config import ConfigError, bind, dump_yaml, load_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -283,13 +285,7 @@ def stage_main(argv: list[str] | None, *, name: str, description: str, schema: t
                         help="--resume: must continue from a checkpoint; --no-resume: must start fresh; "
                              "default: continue when a complete checkpoint exists")
     args = parser.parse_args(argv)
-    if args.nproc > 1 and not launch.launched_rank():
-        rest = [a for a in argv if a != f"--nproc={args.nproc}"]
-        if "--nproc" in rest:
-            i = rest.index("--nproc")
-            del rest[i:i + 2]
-        return launch.run(entry, rest, args.nproc)
-    try:
+    try:  # in the launcher too: a bad config is reported once, before any rank starts
         data = load_config(args.config, args.overrides)
         config = bind_stage(schema, data, name=args.config or name, train_sections=train_sections,
                             resume=args.resume)
@@ -297,9 +293,31 @@ def stage_main(argv: list[str] | None, *, name: str, description: str, schema: t
         print(f"llava-pipeline {name}: {e}", file=sys.stderr)
         return 2
     try:
-        run(config)
-    except _user_errors() as e:  # bad input named by the message: no traceback needed
+        with _output_folder(config.output_dir):
+            if args.nproc > 1 and not launch.launched_rank():
+                rest = [a for a in argv if a != f"--nproc={args.nproc}"]
+                if "--nproc" in rest:
+                    i = rest.index("--nproc")
+                    del rest[i:i + 2]
+                return launch.run(entry, rest, args.nproc)
+            run(config)
+    except (*_user_errors(), lifeline.FolderInUse) as e:  # bad input named by the message: no traceback needed
         print(f"llava-pipeline {name}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _output_folder(output_dir: str):
+    """The stage's output folder, locked for this command and the ranks it starts (stages/lifeline.py), as
+    `llava-pipeline run` locks its out_dir: a second command on the folder is refused while any of them lives. Not
+    again inside a rank, nor where the caller already holds a lock on a folder that contains it (the runner)."""
+    import contextlib
+
+    from stages import launch
+
+    held = os.environ.get(lifeline.FOLDER_LOCK)
+    out = Path(output_dir).resolve()
+    if launch.launched_rank() or (held and out.is_relative_to(Path(held).parent)):
+        return contextlib.nullcontext()
+    return lifeline.hold_folder(out)
 

@@ -166,6 +166,45 @@ def test_a_runner_is_refused_while_another_holds_the_folder(tmp_path, capsys):
     assert run_main(["--config", str(config)]) == 0  # released with the holder
 
 
+def test_a_stage_command_locks_its_output_folder_unless_its_caller_holds_one_around_it(tmp_path, capsys, monkeypatch):
+    """`llava-pipeline align ...` run alone holds output_dir/.lock while it runs and is refused while another process
+    holds it; inside `llava-pipeline run` (whose lock covers the folder) it takes none. The lock table is read from
+    /proc/locks by pid, apart from the code under test."""
+    import yaml
+
+    from stages import align
+    from stages.common import stage_main
+    from stages.lifeline import lock_holders
+
+    out = tmp_path / "stage"
+    config = tmp_path / "align.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(out), "shards": str(tmp_path / "shards"),
+                                      "model": {"llm": str(tmp_path / "llm"), "vision_tower": "ViT-B-32"}}))
+    monkeypatch.delenv(FOLDER_LOCK, raising=False)
+    held_while_running = []
+
+    def main(argv):
+        return stage_main(argv, name="align", description="", schema=align.SCHEMA,
+                          train_sections=align.TRAIN_SECTIONS, entry=main,
+                          run=lambda cfg: held_while_running.append(lock_holders(out / ".lock")))
+
+    assert main(["--config", str(config)]) == 0
+    assert held_while_running == [[os.getpid()]] and lock_holders(out / ".lock") == []
+    other = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                              "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)",
+                              str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert main(["--config", str(config)]) == 1 and len(held_while_running) == 1
+        assert f"is in use by pid {other.pid} (" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    with hold_folder(tmp_path):  # as the runner holds its out_dir: the stage inside it takes no lock of its own
+        assert main(["--config", str(config)]) == 0
+    assert held_while_running[-1] == []
+
+
 def test_a_rank_left_alive_keeps_the_folder_and_is_named(tmp_path, capsys):
     """A rank whose launcher is gone still holds its share of the lock: the rerun is refused, naming that rank."""
     from pipeline.runner import main as run_main
