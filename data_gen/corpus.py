@@ -17,7 +17,7 @@ place of the image, then either
 The scenes are drawn from their own seed stream ("corpus"), so they are not the demo's training or held-out scenes.
 
 With `CorpusSpec.object_words` the scene line writes each object as one word, "large_red_triangle" (one tokenizer
-piece: stages.base makes every OBJECT_WORDS entry a symbol of its own), as an image patch carries its object's size,
+piece after the space's: stages.base makes every OBJECT_WORDS entry a symbol of its own), as an image patch carries its object's size,
 colour and shape together. Written as three words, a colour is bound to its shape only by being next to it, and a
 tiny LLaMA reads that as a bag of words (colour questions about scenes of two or more colours stay near chance;
 docs/demo.md); as one word, finding an object by its shape is a lookup the LLaMA learns within a few hundred steps.
@@ -139,6 +139,7 @@ def documents(spec: CorpusSpec) -> Corpus:
     backend = OfflineBackend(vocabulary, seed=spec.seed)
     corpus = Corpus([], [], [])
     conversations, texts = corpus.conversations, corpus.texts
+
     def scene_text(record: CaptionRecord, rng: random.Random) -> str:
         return scene_as_text(record, rng, spec.object_words)
 
