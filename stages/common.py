@@ -310,14 +310,22 @@ def stage_main(argv: list[str] | None, *, name: str, description: str, schema: t
 def _output_folder(output_dir: str):
     """The stage's output folder, locked for this command and the ranks it starts (stages/lifeline.py), as
     `llava-pipeline run` locks its out_dir: a second command on the folder is refused while any of them lives. Not
-    again inside a rank, nor where the caller already holds a lock on a folder that contains it (the runner)."""
+    again inside a rank, nor where the caller already holds a lock on a folder that contains it (the runner); then a
+    stage command running alone in that folder refuses the caller. A command alone is refused inside a folder that a
+    launch holds (a stage folder of a running `llava-pipeline run`)."""
     import contextlib
 
     from stages import launch
 
     held = os.environ.get(lifeline.FOLDER_LOCK)
     out = Path(output_dir).resolve()
-    if launch.launched_rank() or (held and out.is_relative_to(Path(held).parent)):
+    if launch.launched_rank():
         return contextlib.nullcontext()
+    if held and out.is_relative_to(Path(held).parent):
+        if out != Path(held).parent:
+            lifeline.check_free(out)
+        return contextlib.nullcontext()
+    for folder in out.parents:
+        lifeline.check_free(folder)
     return lifeline.hold_folder(out)
 

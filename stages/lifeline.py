@@ -18,6 +18,8 @@ The folder lock (`hold_folder`): the launcher takes an exclusive `flock` on `<ou
 uses the folder, then turns it into a shared one that each rank joins (`join_folder`, from the path in the
 environment). The kernel drops each process's share when that process ends, however it ends, so the folder stays
 locked while any rank of the run is alive, and another launcher is refused with the pids that still hold it.
+Locks are per folder, so a stage command also checks the folders around its own (`check_free`): one aimed at a stage
+folder of a running `llava-pipeline run` is refused, as is the run's stage while a stage command writes there.
 """
 from __future__ import annotations
 
@@ -117,6 +119,22 @@ def hold_folder(folder: Path) -> Iterator[None]:
                 os.environ.pop(FOLDER_LOCK, None)
             else:
                 os.environ[FOLDER_LOCK] = previous
+
+
+def check_free(folder: Path) -> None:
+    """Raise FolderInUse if a process holds `folder`'s lock (a launch writing into it); touch nothing otherwise. The
+    lock is tried exclusively and let go at once: a shared try would succeed beside a running launch."""
+    path = folder / ".lock"
+    try:
+        handle = open(path)
+    except OSError:  # none (never locked this way), or not ours to read: nothing to check
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _refuse(path) from None
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def join_folder() -> None:

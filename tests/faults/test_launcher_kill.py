@@ -205,6 +205,52 @@ def test_a_stage_command_locks_its_output_folder_unless_its_caller_holds_one_aro
     assert held_while_running[-1] == []
 
 
+def test_a_stage_command_and_a_run_refuse_each_other_across_their_folders(tmp_path, capsys, monkeypatch):
+    """Locks are per folder, so each side checks the other's: a stage command alone aimed at a stage folder of a
+    running run is refused (naming the run's process), and so is a run's stage while a stage command alone holds that
+    stage's folder. Another process holds each lock, shared as a running launch holds it; nothing runs meanwhile."""
+    import yaml
+
+    from stages import align
+    from stages.common import stage_main
+
+    run_folder, stage_folder = tmp_path / "run", tmp_path / "run" / "align"
+    config = tmp_path / "align.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(stage_folder), "shards": str(tmp_path / "shards"),
+                                      "model": {"llm": str(tmp_path / "llm"), "vision_tower": "ViT-B-32"}}))
+    monkeypatch.delenv(FOLDER_LOCK, raising=False)
+    ran = []
+
+    def main(argv):
+        return stage_main(argv, name="align", description="", schema=align.SCHEMA,
+                          train_sections=align.TRAIN_SECTIONS, entry=main, run=ran.append)
+
+    def held_elsewhere(folder: Path) -> subprocess.Popen:
+        folder.mkdir(parents=True, exist_ok=True)
+        other = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                                  "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)",
+                                  str(folder / ".lock")], stdout=subprocess.PIPE, text=True)
+        assert other.stdout.readline().strip() == "held"
+        return other
+
+    for holder_folder, around in ((run_folder, None), (stage_folder, run_folder)):
+        other = held_elsewhere(holder_folder)
+        try:
+            if around is None:  # the stage command alone, inside the running run's folder
+                assert main(["--config", str(config)]) == 1
+            else:  # the run (holding its out_dir, as the runner does) reaches the stage a command alone holds
+                with hold_folder(around):
+                    assert main(["--config", str(config)]) == 1
+            assert f"{holder_folder} is in use by pid {other.pid} (" in capsys.readouterr().err
+            assert ran == [] and not (stage_folder / "config.yaml").exists()
+        finally:
+            other.kill()
+            other.wait()
+    assert main(["--config", str(config)]) == 0 and len(ran) == 1  # both free again
+    with hold_folder(run_folder):
+        assert main(["--config", str(config)]) == 0 and len(ran) == 2
+
+
 def test_a_rank_left_alive_keeps_the_folder_and_is_named(tmp_path, capsys):
     """A rank whose launcher is gone still holds its share of the lock: the rerun is refused, naming that rank."""
     from pipeline.runner import main as run_main
