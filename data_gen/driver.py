@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data_gen.offline import OfflineBackend
 from data_gen.openai_backend import ItemFailed, OpenAIBackend, OpenAIConfig
 from data_gen.paraphrases import training_rewording
-from data_gen.prompting import GPT_TYPES, RESPONSE_TYPES
+from data_gen.prompting import GPT_TYPES, RESPONSE_TYPES, brief_questions, stable_rng
 from data_gen.records import CaptionRecord, read_captions
 from data_gen.vqa import check_turns, short_answer_turns
 from data_gen.world import Vocabulary
@@ -35,7 +35,7 @@ from llava.io import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 DEFAULT_TYPES = GPT_TYPES
-RULES_SOURCE = "rules"  # short_answer items come from data_gen.vqa whatever the backend
+RULES_SOURCE = "rules"  # short_answer and caption items are made by rules whatever the backend
 IMAGE_TAG = "<image>"
 
 _LEAKS = [
@@ -59,6 +59,16 @@ def leak_reason(turns: list[dict]) -> str | None:
                 if pattern.search(text):
                     return reason
     return None
+
+
+def caption_turns(record: CaptionRecord, seed: int = 0) -> list[dict]:
+    """A `caption` sample: one of LLaVA's brief-description instructions answered by one of the record's captions,
+    as LLaVA-1.5's instruction mix holds captioning data beside the GPT types (so that "What is in this picture?"
+    gets a sentence about the picture). Drawn from a seeded generator of its own."""
+    if not record.captions:
+        raise ItemFailed(f"{record.id}: no caption to answer a brief description with")
+    rng = stable_rng(seed, record.id, "caption")
+    return [{"question": rng.choice(brief_questions()), "answer": rng.choice(record.captions)}]
 
 
 def to_llava(record: CaptionRecord, response_type: str, turns: list[dict]) -> dict:
@@ -207,7 +217,7 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
     if limit is not None:
         records = records[:limit]
     vocabulary = Vocabulary.from_boxes(b for r in records for b in r.boxes)
-    if backend == "openai" and any(t in GPT_TYPES for t in types):  # short_answer alone needs no key
+    if backend == "openai" and any(t in GPT_TYPES for t in types):  # rule-made types alone need no key
         model_backend = OpenAIBackend(openai_config or OpenAIConfig(), seed=seed)
     else:
         model_backend = OfflineBackend(vocabulary, seed=seed)
@@ -222,12 +232,14 @@ def generate(input_path: str | os.PathLike, out_path: str | os.PathLike, *, back
         rules_source += f":paraphrases={answer_paraphrases:g}"
 
     def source_of(response_type: str) -> str:
-        return rules_source if response_type == "short_answer" else model_backend.source
+        return {"short_answer": rules_source, "caption": RULES_SOURCE}.get(response_type, model_backend.source)
 
     def work(record: CaptionRecord, response_type: str) -> Outcome:
         try:
             if response_type == "short_answer":
                 turns = short_answer_turns(record, vocabulary, seed, answer_turns, reword)
+            elif response_type == "caption":
+                turns = caption_turns(record, seed)
             else:
                 turns = model_backend.generate(record, response_type)
         except ItemFailed as e:

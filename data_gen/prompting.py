@@ -2,7 +2,8 @@
 
 The editable text lives in data_gen/prompts/: a shared `context_intro.txt`, then per response type a system message
 (`<type>_system.txt`) and hand-written few-shot examples (`<type>_examples.json`: captions, boxes, [question], turns),
-and `detail_questions.txt`, the list detail requests are drawn from (the offline backend draws from it too).
+and `detail_questions.txt`, the list detail requests are drawn from (the offline backend draws from it too);
+`brief_questions.txt` holds LLaVA's brief-description instructions, asked by `caption` samples.
 A reply is `{"turns": [{"question": str, "answer": str}, ...]}`: detail and reasoning have exactly one turn,
 conversation at least one.
 """
@@ -19,7 +20,8 @@ from data_gen.records import Box, CaptionRecord
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 GPT_TYPES = ("conversation", "detail", "reasoning")
-RESPONSE_TYPES = GPT_TYPES + ("short_answer",)
+RULE_TYPES = ("short_answer", "caption")  # made by rules from the record itself, whatever the backend
+RESPONSE_TYPES = GPT_TYPES + RULE_TYPES
 
 
 class InvalidReply(ValueError):
@@ -55,7 +57,16 @@ def few_shot_examples(response_type: str) -> tuple[dict, ...]:
 
 @functools.lru_cache(maxsize=None)
 def detail_questions() -> tuple[str, ...]:
-    lines = (PROMPT_DIR / "detail_questions.txt").read_text(encoding="utf-8").splitlines()
+    return _prompt_lines("detail_questions.txt")
+
+
+@functools.lru_cache(maxsize=None)
+def brief_questions() -> tuple[str, ...]:
+    return _prompt_lines("brief_questions.txt")
+
+
+def _prompt_lines(name: str) -> tuple[str, ...]:
+    lines = (PROMPT_DIR / name).read_text(encoding="utf-8").splitlines()
     return tuple(line.strip() for line in lines if line.strip())
 
 
