@@ -162,8 +162,8 @@ def documents(spec: CorpusSpec) -> Corpus:
 
 def probe_questions(count: int, seed: int, canvas: int = 64, object_words: bool = False) -> list[dict]:
     """`count` held-out short-answer questions (scenes from another stream than any corpus seed's), categories
-    round-robin: {"category", "scene", "question" (with LLaVA's short-answer suffix), "answer"}; the scene written
-    as the corpus writes it (`object_words` as in CorpusSpec)."""
+    round-robin: {"category", "scene", "question" (with LLaVA's short-answer suffix), "answer", "objects" (how many
+    the scene has)}; the scene written as the corpus writes it (`object_words` as in CorpusSpec)."""
     out = []
     vocabulary = Vocabulary()
     index, want_yes = 0, True
@@ -179,5 +179,5 @@ def probe_questions(count: int, seed: int, canvas: int = 64, object_words: bool 
         if category == "exist":
             want_yes = not want_yes
         out.append({"category": category, "scene": scene_as_text(record, rng, object_words),
-                    "question": question.text, "answer": question.answer})
+                    "question": question.text, "answer": question.answer, "objects": len(record.boxes)})
     return out

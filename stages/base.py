@@ -537,6 +537,16 @@ def text_probe(llm: nn.Module, tokenizer, questions: list[dict], template: str, 
     the corpus's style ("chat": the chat template with the short-answer instruction; "qa": a `Q:`/`A:` reading
     line); the greedy answer (its first line) must equal the reference (case and a final period aside).
     {"probe": overall, "probe_<category>": ...}."""
+    right: dict[str, list[bool]] = {}
+    for question, ok in zip(questions, probe_answers(llm, tokenizer, questions, template, batch_size, style)):
+        right.setdefault(question["category"], []).append(ok)
+    scores = {f"probe_{c}": sum(v) / len(v) for c, v in sorted(right.items())}
+    return {"probe": sum(sum(v) for v in right.values()) / max(1, len(questions)), **scores}
+
+
+def probe_answers(llm: nn.Module, tokenizer, questions: list[dict], template: str, batch_size: int = 50,
+                  style: str = "chat") -> list[bool]:
+    """Whether each probe question is answered right (text_probe's asking and checking, question by question)."""
     from data_gen.corpus import reading_prompt
     from llava.conversation import tokenize_conversation
     from llava.generate import GenerationConfig, generate
@@ -550,12 +560,8 @@ def text_probe(llm: nn.Module, tokenizer, questions: list[dict], template: str, 
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             answers += generate(llm, prompts[start:start + batch_size], config=GenerationConfig(max_new_tokens=6))
-    right: dict[str, list[bool]] = {}
-    for question, ids in zip(questions, answers):
-        said = tokenizer.decode(ids).strip().split("\n")[0].strip().lower().rstrip(".").strip()
-        right.setdefault(question["category"], []).append(said == question["answer"].lower())
-    scores = {f"probe_{c}": sum(v) / len(v) for c, v in sorted(right.items())}
-    return {"probe": sum(sum(v) for v in right.values()) / max(1, len(questions)), **scores}
+    said = [tokenizer.decode(ids).strip().split("\n")[0].strip().lower().rstrip(".").strip() for ids in answers]
+    return [text == question["answer"].lower() for question, text in zip(questions, said)]
 
 
 def train_lm(cfg: BaseConfig, documents: list[list[int]], tokenizer, out: Path) -> dict:
