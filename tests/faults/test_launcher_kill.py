@@ -166,35 +166,49 @@ def test_a_runner_is_refused_while_another_holds_the_folder(tmp_path, capsys):
     assert run_main(["--config", str(config)]) == 0  # released with the holder
 
 
-def test_a_stage_command_locks_its_output_folder_unless_its_caller_holds_one_around_it(tmp_path, capsys, monkeypatch):
-    """`llava-pipeline align ...` run alone holds output_dir/.lock while it runs and is refused while another process
-    holds it; inside `llava-pipeline run` (whose lock covers the folder) it takes none. The lock table is read from
-    /proc/locks by pid, apart from the code under test."""
+def align_command(tmp_path: Path, out: Path, run):
+    """`llava-pipeline align --config ...` as a function (argv -> exit status) writing into `out`, with `run` in
+    place of the stage's training (the lock is what is under test), and its config file."""
     import yaml
 
     from stages import align
     from stages.common import stage_main
-    from stages.lifeline import lock_holders
 
-    out = tmp_path / "stage"
     config = tmp_path / "align.yaml"
     config.write_text(yaml.safe_dump({"output_dir": str(out), "shards": str(tmp_path / "shards"),
                                       "model": {"llm": str(tmp_path / "llm"), "vision_tower": "ViT-B-32"}}))
-    monkeypatch.delenv(FOLDER_LOCK, raising=False)
-    held_while_running = []
 
     def main(argv):
         return stage_main(argv, name="align", description="", schema=align.SCHEMA,
-                          train_sections=align.TRAIN_SECTIONS, entry=main,
-                          run=lambda cfg: held_while_running.append(lock_holders(out / ".lock")))
+                          train_sections=align.TRAIN_SECTIONS, entry=main, run=run)
+    return main, config
+
+
+def held_elsewhere(folder: Path) -> subprocess.Popen:
+    """Another process holding `folder`'s lock, shared, as a running launch holds it (kill it when done)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    other = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                              "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)",
+                              str(folder / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "held"
+    return other
+
+
+def test_a_stage_command_locks_its_output_folder_unless_its_caller_holds_one_around_it(tmp_path, capsys, monkeypatch):
+    """`llava-pipeline align ...` run alone holds output_dir/.lock while it runs and is refused while another process
+    holds it; inside `llava-pipeline run` (whose lock covers the folder) it takes none. The lock table is read from
+    /proc/locks by pid, apart from the code under test."""
+    from stages.lifeline import lock_holders
+
+    out = tmp_path / "stage"
+    monkeypatch.delenv(FOLDER_LOCK, raising=False)
+    held_while_running = []
+    main, config = align_command(tmp_path, out, lambda cfg: held_while_running.append(lock_holders(out / ".lock")))
 
     assert main(["--config", str(config)]) == 0
     assert held_while_running == [[os.getpid()]] and lock_holders(out / ".lock") == []
-    other = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                              "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)",
-                              str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    other = held_elsewhere(out)
     try:
-        assert other.stdout.readline().strip() == "held"
         assert main(["--config", str(config)]) == 1 and len(held_while_running) == 1
         assert f"is in use by pid {other.pid} (" in capsys.readouterr().err
     finally:
@@ -209,29 +223,10 @@ def test_a_stage_command_and_a_run_refuse_each_other_across_their_folders(tmp_pa
     """Locks are per folder, so each side checks the other's: a stage command alone aimed at a stage folder of a
     running run is refused (naming the run's process), and so is a run's stage while a stage command alone holds that
     stage's folder. Another process holds each lock, shared as a running launch holds it; nothing runs meanwhile."""
-    import yaml
-
-    from stages import align
-    from stages.common import stage_main
-
     run_folder, stage_folder = tmp_path / "run", tmp_path / "run" / "align"
-    config = tmp_path / "align.yaml"
-    config.write_text(yaml.safe_dump({"output_dir": str(stage_folder), "shards": str(tmp_path / "shards"),
-                                      "model": {"llm": str(tmp_path / "llm"), "vision_tower": "ViT-B-32"}}))
     monkeypatch.delenv(FOLDER_LOCK, raising=False)
     ran = []
-
-    def main(argv):
-        return stage_main(argv, name="align", description="", schema=align.SCHEMA,
-                          train_sections=align.TRAIN_SECTIONS, entry=main, run=ran.append)
-
-    def held_elsewhere(folder: Path) -> subprocess.Popen:
-        folder.mkdir(parents=True, exist_ok=True)
-        other = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                                  "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)",
-                                  str(folder / ".lock")], stdout=subprocess.PIPE, text=True)
-        assert other.stdout.readline().strip() == "held"
-        return other
+    main, config = align_command(tmp_path, stage_folder, ran.append)
 
     for holder_folder, around in ((run_folder, None), (stage_folder, run_folder)):
         other = held_elsewhere(holder_folder)
