@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_gen.corpus import OBJECT_WORDS  # noqa: E402
+from data_gen.corpus import OBJECT_WORDS, reads_object_words  # noqa: E402
 from data_gen.world import SCENE_COLOURS, SCENE_SHAPES  # noqa: E402
 
 COLOURS, SHAPES = frozenset(SCENE_COLOURS), frozenset(SCENE_SHAPES)
@@ -105,7 +105,7 @@ def text_binding(llama_dir: Path, count: int) -> None:
     llm = Llama.from_hf(llama_dir).eval()
     tokenizer = Tokenizer(llama_dir / "tokenizer.model")
     # a LLaMA pretrained on one word per object (corpus.object_words) has those words as pieces: ask it that way
-    object_words = tokenizer.piece_to_id(OBJECT_WORDS[0]) != tokenizer.piece_to_id("<unk>")
+    object_words = reads_object_words(tokenizer)
     questions = [q for q in probe_questions(6 * count, seed=7, object_words=object_words)
                  if q["category"] == "color"][:count]
     prompts = [encode_segments(tokenizer, reading_prompt(q["scene"], q["question"]))[0] for q in questions]

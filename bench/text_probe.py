@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_gen.corpus import OBJECT_WORDS, probe_questions  # noqa: E402
+from data_gen.corpus import probe_questions, reads_object_words  # noqa: E402
 from data_gen.vqa import CATEGORIES  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     llm = Llama.from_hf(args.llama).eval()
     tokenizer = Tokenizer(Path(args.llama) / "tokenizer.model")
-    object_words = tokenizer.piece_to_id(OBJECT_WORDS[0]) != tokenizer.piece_to_id("<unk>")
+    object_words = reads_object_words(tokenizer)
     questions = probe_questions(args.questions, args.seed, object_words=object_words)
     right = probe_answers(llm, tokenizer, questions, template="vicuna_v1", batch_size=100, style="qa")
     cells: dict[tuple[str, int], list[bool]] = defaultdict(list)

@@ -105,6 +105,12 @@ def scene_as_text(record: CaptionRecord, rng: random.Random, object_words: bool 
     return SCENE_PREFIX + "; ".join(f"{name} {o.location}" for name, o in zip(names, objects)) + "."
 
 
+def reads_object_words(tokenizer) -> bool:
+    """Whether a tokenizer has OBJECT_WORDS as pieces of their own: a LLaMA pretrained with `object_words` is asked
+    about scenes written that way."""
+    return tokenizer.piece_to_id(OBJECT_WORDS[0]) != tokenizer.piece_to_id("<unk>")
+
+
 def _conversation(scene: str, turns: list[dict]) -> list[dict]:
     out = []
     for k, turn in enumerate(turns):
